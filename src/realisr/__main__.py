@@ -1,0 +1,5 @@
+import sys
+
+from realisr.cli.main import main
+
+sys.exit(main())

