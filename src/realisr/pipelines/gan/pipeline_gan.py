@@ -91,4 +91,4 @@ class GANPipeline(SRPipeline):
             else:
                 y, used = run(0), 0
         extras["info"] = {"tile": used, "tile_pad": pad}
-        return y.clamp_(0.0, 1.0)
+        return y.clamp(0.0, 1.0)  # out of place: y may be an inference-mode tensor
