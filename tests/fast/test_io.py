@@ -18,7 +18,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from realisr.errors import ImageTooLargeError, InputImageError, OutputExistsError
 from realisr.io import image_io
-from realisr.io.image_io import (IMAGE_EXTENSIONS, UnsupportedFormatError, output_format_for, pil_to_image_data,
+from realisr.io.image_io import (IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, UnsupportedFormatError, output_format_for, pil_to_image_data,
                                  read_image, write_image)
 from realisr.io.types import ImageData
 
@@ -258,6 +258,16 @@ def test_cmyk_input_converted_to_rgb(tmp_path):
     assert np.abs(got - expected).max() <= 2
 
 
+def test_cmyk_with_unusable_icc_falls_back_with_warning(tmp_path, caplog):
+    path = tmp_path / "cmyk_badicc.jpg"
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(path, icc_profile=b"not a real profile" * 8, quality=100)
+    with caplog.at_level(logging.WARNING, logger="realisr.io.image_io"):
+        data = read_image(path)
+    assert "ICC" in caplog.text
+    assert data.icc_profile is None  # pixels are now sRGB; the CMYK profile must not be re-attached
+    assert np.abs(to_u8(data.pixels).astype(int) - [255, 0, 0]).max() <= 3  # magenta + yellow = red
+
+
 def test_pil_to_image_data_modes():
     assert pil_to_image_data(Image.new("1", (3, 2), 1)).pixels.shape == (2, 3, 1)
     d = pil_to_image_data(Image.fromarray(np.full((2, 2), 40000, np.uint16)))
@@ -295,6 +305,17 @@ def test_exif_kept_with_new_size(tmp_path, ext):
         got = im.getexif()
         assert got[0x010F] == "realisr-cam" and got[0x0110] == "model-x"
         assert got.get_ifd(0x8769)[0xA002] == 12 and got.get_ifd(0x8769)[0xA003] == 8
+
+
+def test_exif_ifd0_kept_in_tiff(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "realisr-cam"
+    exif.get_ifd(0x8769)[0xA002] = 6  # the Exif sub-IFD: dropped for TIFF (libtiff refuses it)
+    out = write_image(tmp_path / "exif.tif", ImageData(pixels=pattern().astype(np.float32) / 255,
+                                                      exif=exif.tobytes()))
+    with Image.open(out) as im:
+        assert im.getexif()[0x010F] == "realisr-cam"
+        assert np.array_equal(np.asarray(im), pattern())
 
 
 # -- input errors -------------------------------------------------------------------------------------------
@@ -453,6 +474,10 @@ def test_output_format_from_extension_and_fmt(tmp_path):
     out = write_image(tmp_path / "y.png", _data(), fmt="jpg")
     assert out.read_bytes()[:3] == b"\xff\xd8\xff"
     assert {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"} <= IMAGE_EXTENSIONS
+    # Every readable extension but GIF can be written (a CLI keeping the input's extension relies on it).
+    assert {e for e in IMAGE_EXTENSIONS if e != ".gif"} <= OUTPUT_EXTENSIONS
+    for e in OUTPUT_EXTENSIONS:
+        output_format_for(e)
 
 
 @pytest.mark.parametrize("ext", ["jpg", "bmp"])

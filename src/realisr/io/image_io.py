@@ -1,6 +1,6 @@
 """Reading and writing images for every realisr backend.
 
-:func:`read_image` decodes PNG, JPEG, WebP, TIFF, BMP (and GIF, PNM; the first frame of animations) into
+:func:`read_image` decodes PNG, JPEG, WebP, TIFF, BMP (and GIF; the first frame of animations) into
 :class:`~realisr.io.types.ImageData`: float32 pixels in ``[0, 1]``, EXIF orientation applied, alpha split off,
 16-bit precision kept, ICC profile and EXIF (orientation reset to 1) carried along. The pixel limit is checked
 from the header before any pixel is decoded.
@@ -85,14 +85,13 @@ DEFAULT_MAX_PIXELS: Optional[int] = _max_pixels_from_env()
 #: Extensions (lower case, with the dot) that :func:`read_image` accepts; a folder scan uses this set.
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".dib", ".gif",
-    ".ppm", ".pgm", ".pbm", ".pnm",
 })
 
 _OUTPUT_FORMATS = {
-    "png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "webp": "WEBP",
+    "png": "PNG", "apng": "PNG", "dib": "BMP", "jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "webp": "WEBP",
     "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP",
 }
-#: Extensions :func:`write_image` can write.
+#: Extensions :func:`write_image` can write (every readable one but ``.gif``).
 OUTPUT_EXTENSIONS = frozenset("." + k for k in _OUTPUT_FORMATS)
 _SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
@@ -133,7 +132,7 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     """Decode an image file.
 
     Args:
-        path: the file (PNG, JPEG, WebP, TIFF, BMP, GIF, PNM).
+        path: the file (PNG, JPEG, WebP, TIFF, BMP, GIF).
         max_pixels: refuse images with more than this many pixels (``None`` or ``0``: no limit). Decided from
             the header, before any pixel is decoded.
 
@@ -186,7 +185,7 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     except UnidentifiedImageError:
         raise InputImageError(
             f"{p} is not an image realisr can read (or is corrupt): supported are "
-            "PNG, JPEG, WebP, TIFF, BMP, GIF, PNM") from None
+            "PNG, JPEG, WebP, TIFF, BMP, GIF") from None
     except MemoryError:
         raise InputImageError(f"not enough memory to decode {p}: try a smaller image") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, KeyError,
@@ -589,9 +588,24 @@ def _encode(fh, px: np.ndarray, alpha: Optional[np.ndarray], data: ImageData, fm
         kw.update(quality=quality, lossless=quality >= 100, exact=alpha is not None)
     elif fmt_name == "TIFF":
         kw.update(compression="tiff_adobe_deflate")
+        if exif:
+            kw["exif"] = _tiff_ifd0_exif(exif)
     elif fmt_name == "PNG":
         kw.update(compress_level=6)
     img.save(fh, format=fmt_name, **kw)
+
+
+def _tiff_ifd0_exif(exif: bytes) -> Optional[bytes]:
+    """The EXIF tags of IFD0 (make, model, date, ...) without the Exif/GPS sub-IFD pointers: libtiff refuses
+    those when it compresses (Pillow passes the pointer as a plain tag)."""
+    from PIL import Image
+
+    e = Image.Exif()
+    e.load(exif)
+    for pointer in (_EXIF_IFD, 0x8825, 0xA005):  # Exif, GPS, interoperability
+        if pointer in e:
+            del e[pointer]
+    return e.tobytes() if len(e) else None
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
