@@ -1,0 +1,399 @@
+"""What the one-step diffusion SR pipelines (PiSA-SR, OSEDiff) share: pre/post-processing as the official test
+scripts do it, latent tiling of the UNet with the official Gaussian blending, VAE encode/decode (optionally
+tiled) and per-pixel dial maps.
+
+Pre-processing, ``resize_mode="official"`` (``test_pisasr.py`` / ``test_osediff.py``):
+
+1. If a side is shorter than ``process_size // scale``, resize so that the short side is exactly that
+   (``s = (process_size // scale) / min(W, H)``, new size ``(int(s*W), int(s*H))``, PIL bicubic);
+   this is the official ``resize_flag``.
+2. Upscale by ``scale`` with PIL bicubic.
+3. Resize (LANCZOS) to ``(W - W % 8, H - H % 8)``.
+
+On 8-bit data this runs on uint8 PIL images exactly as the scripts do (bit-exact); on 16-bit or float data it
+runs the same Pillow filters on float planes (no 8-bit rounding). After the model, the colour fix runs at the
+processed size against the processed LQ, and the result is resized (PIL bicubic, float) to exactly
+``scale x`` the input size. The official scripts only resize back when ``resize_flag`` is set (PiSA-SR) or
+never (OSEDiff drops the result of its resize): realisr always returns ``scale x`` the input size.
+
+``resize_mode="pad"``: bicubic x``scale`` only, then the image is padded (reflect) on the bottom/right to a
+multiple of 8 and the output cropped; no other resampling, so pixel geometry is kept exactly, but tiny
+inputs are processed at their own size (no minimum of ``process_size``).
+
+Latent tiling (official rule, both repos): tiling runs when ``h * w > tile**2`` (latent units). The tile is
+square, ``T = min(tile, h, w)``; origins per axis are ``0, T - overlap, 2(T - overlap), ...`` while
+``origin + T < size``, and the last tile is snapped to ``size - T``. Each tile is one UNet call; the
+predictions are blended with the separable Gaussian ``exp(-(x - m)^2 / (2 * 0.01 * T^2)) / sqrt(2 pi 0.01)``
+(float64), ``m = (T - 1) / 2`` (OSEDiff uses ``m = T / 2`` on the y axis: ``flavor="osediff"``). Fixes over
+the official code: the weights are built for the clamped tile (PiSA-SR crashes on thin images), and an
+overlap not smaller than the clamped tile (an infinite loop officially) is reduced to ``T // 2``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RESIZE_MODES",
+    "Preprocessed",
+    "preprocess",
+    "official_sizes",
+    "pil_resize",
+    "finish_output",
+    "latent_tile_plan",
+    "gaussian_tile_weights",
+    "gaussian_window",
+    "tiled_latent_predict",
+    "vae_encode",
+    "vae_decode",
+    "dial_to_latent",
+    "vae_dtype_for",
+]
+
+RESIZE_MODES = ("official", "pad")
+
+
+@dataclass
+class Preprocessed:
+    """The model input and what is needed to undo the geometry.
+
+    Attributes:
+        image: ``[1, 3, H, W]`` float32 in ``[0, 1]``: the processed LQ (what the VAE encodes, after ``*2-1``;
+            also the colour-fix source).
+        input_size: ``(h, w)`` of the original input.
+        out_size: ``(scale*h, scale*w)``: the size the pipeline returns.
+        mode: ``"official"`` or ``"pad"``.
+        resize_flag: the official short-side resize happened.
+        pad: ``(pad_h, pad_w)`` added at the bottom/right (``"pad"`` mode).
+        exact_8bit: the input was 8-bit and the uint8 PIL path was used.
+    """
+
+    image: "object"
+    input_size: tuple[int, int]
+    out_size: tuple[int, int]
+    mode: str
+    resize_flag: bool = False
+    pad: tuple[int, int] = (0, 0)
+    exact_8bit: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.image.shape[-2:])
+
+    @property
+    def content_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the processed image without padding."""
+        h, w = self.size
+        return h - self.pad[0], w - self.pad[1]
+
+
+def official_sizes(width: int, height: int, scale: int, process_size: int):
+    """The official geometry: ``(resize_flag, size after short-side resize, size after xscale, final size)``,
+    sizes as ``(W, H)`` like PIL."""
+    short = process_size // scale
+    flag = False
+    size = (width, height)
+    if width < short or height < short:
+        s = short / min(width, height)
+        size = (int(s * width), int(s * height))
+        flag = True
+    up = (size[0] * scale, size[1] * scale)
+    final = (up[0] - up[0] % 8, up[1] - up[1] % 8)
+    return flag, size, up, final
+
+
+def _is_8bit(x) -> bool:
+    v = x.numpy() * 255.0
+    return bool(np.abs(v - np.rint(v)).max() < 1e-3)
+
+
+def pil_resize(x, size_wh: tuple[int, int], resample, *, exact_8bit: bool):
+    """Resize ``[1, 3, H, W]`` float ``[0, 1]`` with Pillow: through uint8 RGB (``exact_8bit``, as the official
+    scripts) or per float plane. Returns float32 ``[1, 3, h, w]`` in ``[0, 1]``."""
+    import torch
+    from PIL import Image
+
+    if tuple(size_wh) == (x.shape[-1], x.shape[-2]):
+        return x
+    if exact_8bit:
+        arr = np.rint(x[0].permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
+        out = np.asarray(Image.fromarray(arr, "RGB").resize(tuple(size_wh), resample))
+        return torch.from_numpy(out.copy()).permute(2, 0, 1)[None].float().div(255)
+    planes = [np.asarray(Image.fromarray(x[0, c].numpy().astype(np.float32), "F").resize(tuple(size_wh), resample))
+              for c in range(x.shape[1])]
+    return torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))[None].float()
+
+
+def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "official") -> Preprocessed:
+    """Pre-process an LQ image as the official scripts do (see the module docstring).
+
+    Args:
+        x: ``[1, 3, h, w]`` float32 CPU tensor in ``[0, 1]``.
+        scale: the upscaling factor (4 for the released models).
+        process_size: the official ``--process_size`` (512).
+        mode: ``"official"`` or ``"pad"``.
+
+    Raises:
+        ValueError: unknown mode or bad sizes.
+    """
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    h, w = x.shape[-2:]
+    exact = _is_8bit(x)
+    out_size = (h * scale, w * scale)
+    if mode == "official":
+        flag, size, up, final = official_sizes(w, h, scale, process_size)
+        if min(final) < 8:
+            raise ValueError(f"image of {w}x{h} is too small for x{scale}: it needs at least 8 output pixels per side")
+        y = pil_resize(x, size, Image.BICUBIC, exact_8bit=exact)
+        y = pil_resize(y, up, Image.BICUBIC, exact_8bit=exact)
+        y = pil_resize(y, final, Image.LANCZOS, exact_8bit=exact)
+        return Preprocessed(y, (h, w), out_size, mode, resize_flag=flag, exact_8bit=exact)
+    y = pil_resize(x, (w * scale, h * scale), Image.BICUBIC, exact_8bit=exact)
+    ph, pw = (-y.shape[-2]) % 8, (-y.shape[-1]) % 8
+    if ph or pw:
+        pad_mode = "reflect" if ph < y.shape[-2] and pw < y.shape[-1] else "replicate"
+        y = F.pad(y, (0, pw, 0, ph), mode=pad_mode)
+    return Preprocessed(y.contiguous(), (h, w), out_size, mode, pad=(ph, pw), exact_8bit=exact)
+
+
+def finish_output(y, pre: Preprocessed, color_fix: str = "adain"):
+    """Colour-fix a decoded image and bring it to ``pre.out_size``.
+
+    Args:
+        y: ``[1, 3, H, W]`` float in ``[0, 1]`` at the processed size (decoder output ``*0.5+0.5``, clamped).
+        pre: the pre-processing record.
+        color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``.
+
+    Returns:
+        ``[1, 3, scale*h, scale*w]`` float32 CPU in ``[0, 1]``.
+    """
+    from PIL import Image
+
+    from ..color_fix import color_fix as _fix
+
+    y = y.float().cpu()
+    src = pre.image
+    if pre.mode == "pad":
+        ch, cw = pre.content_size
+        y, src = y[..., :ch, :cw], src[..., :ch, :cw]
+    y = _fix(y, src, color_fix)
+    if tuple(y.shape[-2:]) != tuple(pre.out_size):
+        y = pil_resize(y.contiguous(), (pre.out_size[1], pre.out_size[0]), Image.BICUBIC, exact_8bit=False)
+    return y.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Latent tiling
+def latent_tile_plan(h: int, w: int, tile: Optional[int], overlap: int) -> Optional[tuple[int, int]]:
+    """``(T, overlap)`` when the official rule tiles an ``h x w`` latent, else ``None`` (one pass)."""
+    if not tile or h * w <= tile * tile:
+        return None
+    t = min(int(tile), h, w)
+    ov = int(overlap)
+    if ov >= t:
+        ov = t // 2
+        logger.info("latent overlap %d >= tile %d: using %d", overlap, t, ov)
+    return t, max(0, ov)
+
+
+def gaussian_tile_weights(height: int, width: int, flavor: str = "pisa"):
+    """The official ``[height, width]`` float64 Gaussian tile weights (sigma = 0.1 * side).
+
+    ``flavor="osediff"`` puts the y midpoint at ``height / 2`` (the official asymmetry); ``"pisa"`` at
+    ``(height - 1) / 2``.
+    """
+    import torch
+
+    var = 0.01
+
+    def probs(n: int, mid: float):
+        return [math.exp(-(i - mid) * (i - mid) / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
+                for i in range(n)]
+
+    x = probs(width, (width - 1) / 2)
+    y = probs(height, height / 2 if flavor == "osediff" else (height - 1) / 2)
+    return torch.from_numpy(np.outer(y, x))
+
+
+def gaussian_window(flavor: str) -> Callable:
+    """A :func:`realisr.tiling.tiled_forward` window callable giving :func:`gaussian_tile_weights`."""
+    def window(h, w, neighbours, overlaps):
+        return gaussian_tile_weights(h, w, flavor)
+    return window
+
+
+def tiled_latent_predict(fn: Callable, z, *, tile: Optional[int], overlap: int, flavor: str,
+                         callback=None, out_channels: Optional[int] = None):
+    """Run ``fn`` (latent tile -> prediction) on ``z`` with the official tiling and Gaussian blending.
+
+    Args:
+        fn: maps ``[1, 4, t, t]`` latents to an NCHW prediction of the same spatial size.
+        z: ``[1, 4, h, w]`` latents (device and dtype as ``fn`` wants them).
+        tile, overlap: the official ``latent_tiled_size`` / ``latent_tiled_overlap``; ``tile`` 0/None: no tiling.
+        flavor: ``"pisa"`` or ``"osediff"`` (the Gaussian's y midpoint).
+        out_channels: channels of ``fn``'s output (default: as ``z``).
+
+    Returns:
+        The blended prediction, float32, on ``z``'s device.
+    """
+    from ..progress import report
+    from ..tiling import tiled_forward
+
+    h, w = z.shape[-2:]
+    plan = latent_tile_plan(h, w, tile, overlap)
+    if plan is None:
+        report(callback, "unet", 0, 1)
+        out = fn(z)
+        report(callback, "unet", 1, 1)
+        return out.float()
+    t, ov = plan
+    logger.debug("latent tiling %dx%d: tile %d overlap %d", w, h, t, ov)
+    return tiled_forward(fn, z, scale=1, tile=t, overlap=ov, pad=0, window=gaussian_window(flavor),
+                         out_channels=out_channels, out_device=z.device, callback=callback, stage="unet")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# VAE
+def vae_dtype_for(dtype):
+    """The VAE's dtype for a pipeline dtype: fp16 pipelines keep the VAE in fp32 (the SD VAE can overflow fp16
+    into NaN/black images); bf16 has fp32's range and is kept."""
+    import torch
+
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _auto_vae_tile(latent_h: int, latent_w: int, vae_tile: Optional[int]) -> Optional[int]:
+    if vae_tile is None:  # auto: tile beyond 1024x1024 output pixels
+        return 128 if latent_h * latent_w > 128 * 128 else None
+    return int(vae_tile) or None
+
+
+def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: Optional[int] = None,
+               device=None, dtype=None, callback=None):
+    """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
+
+    Args:
+        image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
+        sample: sample the posterior (as the official scripts do) instead of taking its mode.
+        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
+        vae_tile: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
+            (tiles beyond 1024x1024 pixels); ``0``: never.
+    """
+    import torch
+
+    sf = vae.config.scaling_factor
+    x = image01 * 2.0 - 1.0
+    lh, lw = x.shape[-2] // 8, x.shape[-1] // 8
+    tile = _auto_vae_tile(lh, lw, vae_tile)
+    with torch.no_grad():
+        if tile is not None:
+            from ..models.tiled_vae import tiled_encode
+
+            dist = tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
+        else:
+            dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+        if sample:
+            mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+            z = mean + std * noise
+        else:
+            z = dist.mode().float()
+    return (z * sf).to(device)
+
+
+def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
+    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5`` as float32 CPU ``[1, 3, 8h, 8w]`` in ``[0, 1]``."""
+    import torch
+
+    from ..progress import report
+
+    z = z_scaled.float() / vae.config.scaling_factor
+    tile = _auto_vae_tile(z.shape[-2], z.shape[-1], vae_tile)
+    with torch.no_grad():
+        if tile is not None:
+            from ..models.tiled_vae import tiled_decode
+
+            out = tiled_decode(vae, z.cpu(), tile=tile, callback=callback, device=device, dtype=dtype)
+        else:
+            report(callback, "vae_decode", 0, 1)
+            out = vae.decode(z.to(device=device, dtype=dtype)).sample
+            report(callback, "vae_decode", 1, 1)
+    out = out.float().cpu()
+    if not torch.isfinite(out).all():
+        from ..errors import RealisrError
+
+        raise RealisrError("the VAE decoder produced NaN/inf values: run with --dtype fp32 (or bf16)")
+    return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dials
+def dial_to_latent(value, size: tuple[int, int], *, name: str, content: Optional[tuple[int, int]] = None):
+    """A dial (``lambda_pix``/``lambda_sem``) as a float or a ``[1, 1, h, w]`` float32 CPU map on the latent grid.
+
+    Args:
+        value: a number, or a per-pixel map covering the whole input image: PIL image (grey levels / 255),
+            numpy array (``[H, W]`` or ``[H, W, 1]``; uint8 / 255, uint16 / 65535, float as is) or torch tensor
+            (``[H, W]``, ``[1, H, W]`` or ``[1, 1, H, W]``). Maps are resized (bilinear, antialiased) to the
+            latent grid.
+        size: ``(h, w)`` of the latent grid.
+        content: ``(h, w)`` of the part of the grid covered by the image (pad mode); the rest is edge-padded.
+
+    Raises:
+        ValueError: not a number/map, non-finite values, or a bad shape.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        return v
+    mod = type(value).__module__
+    if mod.startswith("PIL."):
+        arr = np.asarray(value.convert("F") if value.mode not in ("I;16", "I") else value, dtype=np.float32)
+        peak = 65535.0 if value.mode in ("I;16", "I") else 255.0
+        t = torch.from_numpy(arr / peak)
+    elif isinstance(value, np.ndarray):
+        arr = value
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 2:
+            raise ValueError(f"{name} map must be [H, W] (or [H, W, 1]), got shape {value.shape}")
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr.astype(np.float32) / 65535.0
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    elif mod.startswith("torch"):
+        t = value.detach().float().cpu()
+        while t.ndim > 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 2:
+            raise ValueError(f"{name} map must be [H, W], [1, H, W] or [1, 1, H, W], got {tuple(value.shape)}")
+    else:
+        raise ValueError(f"{name} must be a number or a map (PIL image, numpy array, torch tensor), "
+                         f"got {type(value).__name__}")
+    if t.numel() == 0 or not torch.isfinite(t).all():
+        raise ValueError(f"{name} map must be non-empty and finite")
+    t = t[None, None].float()
+    target = content or size
+    if tuple(t.shape[-2:]) != tuple(target):
+        down = target[0] < t.shape[-2] or target[1] < t.shape[-1]
+        t = F.interpolate(t, size=target, mode="bilinear", align_corners=False, antialias=down)
+    if tuple(target) != tuple(size):
+        t = F.pad(t, (0, size[1] - target[1], 0, size[0] - target[0]), mode="replicate")
+    return t.contiguous()
