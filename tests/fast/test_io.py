@@ -45,10 +45,18 @@ def png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def raw_png(width, height, bit_depth, colour_type, rows: bytes) -> bytes:
+def raw_png(width, height, bit_depth, colour_type, rows: bytes, extra: bytes = b"") -> bytes:
+    """A PNG written by hand (filter 0 on every row), with ``extra`` chunks before the image data."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + extra + png_chunk(b"IDAT", zlib.compress(rows))
             + png_chunk(b"IEND", b""))
+
+
+def raw_png_u16(arr: np.ndarray, extra: bytes = b"") -> bytes:
+    """16-bit PNG of an ``[H, W, C]`` uint16 array (C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA)."""
+    h, w, c = arr.shape
+    rows = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
+    return raw_png(w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], rows, extra)
 
 
 def srgb_icc() -> bytes:
@@ -172,11 +180,55 @@ def test_16bit_grey_round_trip(tmp_path, ext):
         assert np.array_equal(np.asarray(im).astype(np.uint16), v)
 
 
+def test_16bit_colour_png_orientation_applied(tmp_path):
+    upright = u16_values((4, 6, 3))
+    exif = Image.Exif()
+    exif[ORIENTATION] = 8
+    src = tmp_path / "rot16.png"
+    src.write_bytes(raw_png_u16(np.ascontiguousarray(STORED[8](upright)), png_chunk(b"eXIf", exif.tobytes()[6:])))
+    data = read_image(src)
+    assert data.bit_depth == 16
+    assert np.array_equal(to_u16(data.pixels), upright)
+    kept = Image.Exif()
+    kept.load(data.exif)
+    assert kept[ORIENTATION] == 1
+
+
+def test_tiff_orientation_tag_applied(tmp_path):
+    upright = pattern()
+    src = tmp_path / "rot.tif"
+    Image.fromarray(np.ascontiguousarray(STORED[3](upright))).save(src, tiffinfo={ORIENTATION: 3})
+    data = read_image(src)
+    assert np.array_equal(to_u8(data.pixels), upright)
+
+
+def test_16bit_premultiplied_tiff_alpha(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    a = np.array([[65535, 32768], [16384, 0]], np.uint16)
+    straight = np.array([[0.25, 0.5], [0.75, 0.3]])
+    colour = np.repeat(np.rint(straight * a)[..., None], 3, axis=2).astype(np.uint16)  # premultiplied
+    src = tmp_path / "premul.tif"
+    tifffile.imwrite(src, np.concatenate([colour, a[..., None]], axis=2), photometric="rgb",
+                     extrasamples=("assocalpha",))
+    data = read_image(src)
+    assert data.bit_depth == 16
+    assert np.array_equal(to_u16(data.alpha), a)
+    assert np.allclose(data.pixels[..., 0][a > 0], straight[a > 0], atol=2e-4)
+
+
+def test_pil_to_image_data_keeps_16bit_colour_of_an_opened_file(tmp_path):
+    v = u16_values((3, 5, 3))
+    src = tmp_path / "lazy16.png"
+    src.write_bytes(raw_png_u16(v))
+    with Image.open(src) as im:
+        data = pil_to_image_data(im)
+    assert data.bit_depth == 16 and np.array_equal(to_u16(data.pixels), v)
+
+
 def test_16bit_grey_alpha_png(tmp_path):
     g, a = u16_values((3, 4)), u16_values((3, 4))
-    rows = b"".join(b"\x00" + np.stack([g[i], a[i]], axis=1).astype(">u2").tobytes() for i in range(3))
     src = tmp_path / "la16.png"
-    src.write_bytes(raw_png(4, 3, 16, 4, rows))  # colour type 4: grey + alpha
+    src.write_bytes(raw_png_u16(np.stack([g, a], axis=2)))  # colour type 4: grey + alpha
     data = read_image(src)
     assert data.bit_depth == 16 and data.is_grey
     assert np.array_equal(to_u16(data.pixels[..., 0]), g)
@@ -256,6 +308,28 @@ def test_cmyk_input_converted_to_rgb(tmp_path):
     got = to_u8(data.pixels).astype(int)
     expected = np.array([[[0, 255, 255], [255, 0, 255], [0, 0, 0]], [[255] * 3] * 3])
     assert np.abs(got - expected).max() <= 2
+
+
+def _cmyk_profile():
+    candidates = [os.environ.get("REALISR_TEST_CMYK_ICC", ""),
+                  "/usr/share/color/icc/ghostscript/default_cmyk.icc",  # Debian libgs-common (SWOP)
+                  "/usr/share/color/icc/ghostscript/ps_cmyk.icc"]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return open(c, "rb").read()
+    pytest.skip("no CMYK ICC profile here (apt install libgs-common, or set REALISR_TEST_CMYK_ICC)")
+
+
+def test_cmyk_input_uses_embedded_icc_profile(tmp_path):
+    icc = _cmyk_profile()
+    path = tmp_path / "cmyk_icc.tif"
+    Image.fromarray(np.array([[[255, 0, 0, 0], [0, 0, 0, 0]]], np.uint8), "CMYK").save(path, icc_profile=icc)
+    data = read_image(path)
+    cyan, paper = to_u8(data.pixels[0]).astype(int)
+    # Press cyan is far from the naive (0, 255, 255): about (0, 174, 239) in sRGB for SWOP-like profiles.
+    assert cyan[0] < 30 and 150 < cyan[1] < 200 and cyan[2] > 220
+    assert np.all(paper > 240)
+    assert data.icc_profile is None
 
 
 def test_cmyk_with_unusable_icc_falls_back_with_warning(tmp_path, caplog):

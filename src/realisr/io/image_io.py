@@ -219,7 +219,11 @@ def pil_to_image_data(img, *, exif_transpose: bool = True) -> ImageData:
     Raises:
         InputImageError: the image mode cannot be converted.
     """
-    return _decode(img, None, exif_transpose=exif_transpose)
+    path = None
+    filename = getattr(img, "filename", None)
+    if filename and getattr(img, "tile", None) and _is_high_bit_colour(img) and os.path.isfile(filename):
+        path = Path(filename)  # not yet decoded and read from a file: the 16-bit colour can still be had
+    return _decode(img, path, exif_transpose=exif_transpose)
 
 
 def _raw_mode(im) -> str:
@@ -234,8 +238,8 @@ def _raw_mode(im) -> str:
 
 def _is_high_bit_colour(im) -> bool:
     """Whether Pillow would reduce this (not yet loaded) image from 16 bits per sample to 8."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return False  # Pillow keeps these at full precision
+    if im.mode not in ("RGB", "RGBA", "RGBa", "LA"):
+        return False  # grey I;16 keeps full precision in Pillow; CMYK & co. go through Pillow's conversions
     if ";16" in _raw_mode(im):
         return True
     if getattr(im, "format", None) == "TIFF":
@@ -377,6 +381,9 @@ def _decode_16bit_colour(path: Path, raw_mode: str):
         alpha, f = f[..., 1], f[..., :1]
     if raw_mode.startswith(("L", "I")) and f.shape[2] == 3:
         f = f[..., :1]  # grey(+alpha) that OpenCV expanded to BGR(A)
+    if raw_mode.startswith("RGBa") and alpha is not None:  # premultiplied (TIFF associated alpha)
+        safe = np.where(alpha > 0, alpha, 1.0)[..., None]
+        f = np.where(alpha[..., None] > 0, np.clip(f / safe, 0.0, 1.0), 0.0)
     return f, alpha, 16 if arr.dtype == np.uint16 else 8
 
 
