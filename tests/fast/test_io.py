@@ -443,6 +443,19 @@ def test_corrupt_png_data(tmp_path):
     assert "corrupt" in _one_line_naming(e, p) or "damaged" in str(e.value)
 
 
+def test_unreadable_file(tmp_path, monkeypatch):
+    p = tmp_path / "secret.png"
+    Image.new("RGB", (2, 2)).save(p)
+
+    def denied(*args, **kwargs):  # as open() fails without read permission (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(image_io, "open", denied, raising=False)
+    with pytest.raises(InputImageError) as e:
+        read_image(p)
+    assert "permission" in _one_line_naming(e, p)
+
+
 def test_folder_is_not_an_image(tmp_path):
     with pytest.raises(InputImageError, match="folder"):
         read_image(tmp_path)

@@ -159,8 +159,14 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     if size == 0:
         raise InputImageError(f"input image {p} is empty (0 bytes)")
 
+    if max_pixels is not None and max_pixels < 0:
+        raise ValueError(f"max_pixels must be >= 0 (0 or None: no limit), got {max_pixels}")
     try:
-        with open(p, "rb") as fh:
+        fh = open(p, "rb")
+    except OSError as e:
+        raise InputImageError(f"cannot open input image {p}: {e.strerror or e}") from None
+    try:
+        with fh:
             with _pillow_limit_lock, warnings.catch_warnings():
                 # Our own limit replaces Pillow's global one (checked below from the same header).
                 saved = Image.MAX_IMAGE_PIXELS
