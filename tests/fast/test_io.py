@@ -18,8 +18,8 @@ from PIL import Image, ImageCms, ImageOps
 
 from realisr.errors import ImageTooLargeError, InputImageError, OutputExistsError
 from realisr.io import image_io
-from realisr.io.image_io import (IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, UnsupportedFormatError, output_format_for, pil_to_image_data,
-                                 read_image, write_image)
+from realisr.io.image_io import (IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, UnsupportedFormatError, output_format_for,
+                                 pil_to_image_data, read_image, write_image)
 from realisr.io.types import ImageData
 
 cv2 = pytest.importorskip("cv2")
@@ -180,12 +180,14 @@ def test_16bit_grey_round_trip(tmp_path, ext):
         assert np.array_equal(np.asarray(im).astype(np.uint16), v)
 
 
-def test_16bit_colour_png_orientation_applied(tmp_path):
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16bit_colour_png_orientation_applied(tmp_path, orientation):
     upright = u16_values((4, 6, 3))
     exif = Image.Exif()
-    exif[ORIENTATION] = 8
+    exif[ORIENTATION] = orientation
+    stored = np.ascontiguousarray(STORED[orientation](upright))
     src = tmp_path / "rot16.png"
-    src.write_bytes(raw_png_u16(np.ascontiguousarray(STORED[8](upright)), png_chunk(b"eXIf", exif.tobytes()[6:])))
+    src.write_bytes(raw_png_u16(stored, png_chunk(b"eXIf", exif.tobytes()[6:])))
     data = read_image(src)
     assert data.bit_depth == 16
     assert np.array_equal(to_u16(data.pixels), upright)
@@ -194,10 +196,25 @@ def test_16bit_colour_png_orientation_applied(tmp_path):
     assert kept[ORIENTATION] == 1
 
 
-def test_tiff_orientation_tag_applied(tmp_path):
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16bit_colour_tiff_orientation_applied_once(tmp_path, orientation):
+    # OpenCV 5 applies the TIFF orientation tag itself; the result must be upright exactly once either way.
+    tifffile = pytest.importorskip("tifffile")
+    upright = u16_values((4, 6, 3))
+    src = tmp_path / "rot16.tif"
+    tifffile.imwrite(src, np.ascontiguousarray(STORED[orientation](upright)), photometric="rgb",
+                     extratags=[(ORIENTATION, "H", 1, orientation, True)])
+    data = read_image(src)
+    assert data.bit_depth == 16
+    assert np.array_equal(to_u16(data.pixels), upright)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_orientation_tag_applied_once(tmp_path, orientation):
+    # Pillow itself applies a TIFF orientation tag on load: it must not be applied a second time.
     upright = pattern()
     src = tmp_path / "rot.tif"
-    Image.fromarray(np.ascontiguousarray(STORED[3](upright))).save(src, tiffinfo={ORIENTATION: 3})
+    Image.fromarray(np.ascontiguousarray(STORED[orientation](upright))).save(src, tiffinfo={ORIENTATION: orientation})
     data = read_image(src)
     assert np.array_equal(to_u8(data.pixels), upright)
 

@@ -88,8 +88,8 @@ IMAGE_EXTENSIONS = frozenset({
 })
 
 _OUTPUT_FORMATS = {
-    "png": "PNG", "apng": "PNG", "dib": "BMP", "jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "webp": "WEBP",
-    "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP",
+    "png": "PNG", "apng": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "webp": "WEBP",
+    "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP", "dib": "BMP",
 }
 #: Extensions :func:`write_image` can write (every readable one but ``.gif``).
 OUTPUT_EXTENSIONS = frozenset("." + k for k in _OUTPUT_FORMATS)
@@ -267,28 +267,43 @@ def _decode(im, path: Optional[Path], *, exif_transpose: bool = True) -> ImageDa
     if "dpi" in im.info:
         info["dpi"] = im.info["dpi"]
 
+    # Read before anything loads the image: Pillow forgets the raw mode once decoded (and getexif() of a PNG
+    # decodes it to look for a late eXIf chunk).
+    raw_mode = _raw_mode(im)
+    high_bit = path is not None and _is_high_bit_colour(im)
+    header_orientation = _orientation(im.getexif())
+
     rgb16 = None
-    if path is not None and _is_high_bit_colour(im):
-        rgb16 = _decode_16bit_colour(path, _raw_mode(im))
+    if high_bit:
+        rgb16 = _decode_16bit_colour(path, raw_mode)
+    im.load()  # Pillow applies (and removes) a TIFF orientation tag itself on load
+    # The orientation still to apply to Pillow's pixels, and to OpenCV's (which may have applied it or not).
+    orientation = _orientation(im.getexif())
+    if rgb16 is not None and header_orientation != 1:
+        state = _opencv_orientation(im, orientation, rgb16[0], header_orientation)
+        if state is None:
+            logger.warning("could not tell how OpenCV oriented %s: reading it as 8-bit", path)
+            rgb16 = None
+        else:
+            orientation = state
     if rgb16 is not None:
         pixels, alpha, bit_depth = rgb16
-        mode = src_mode
+        mode = "LA" if raw_mode.startswith("LA") else src_mode
     else:
-        im.load()
         pixels, alpha, bit_depth, mode = _pil_pixels(im)
 
     exif = im.getexif()
-    orientation = exif.get(_ORIENTATION, 1)
     kept_exif = None
     if "exif" in im.info and len(exif):
         if exif_transpose:
             exif[_ORIENTATION] = 1
         kept_exif = exif.tobytes()
-    if exif_transpose and orientation not in (None, 1):
+    if exif_transpose and orientation != 1:
         pixels = _apply_orientation(pixels, orientation)
         if alpha is not None:
             alpha = _apply_orientation(alpha, orientation)
-        info["orientation_applied"] = int(orientation) if isinstance(orientation, int) else orientation
+    if header_orientation != 1:
+        info["orientation"] = header_orientation  # the source's tag (the pixels are upright)
     icc = im.info.get("icc_profile") or None
     if src_mode == "CMYK":
         icc = None  # converted to sRGB; an untagged output is read as sRGB
@@ -393,6 +408,33 @@ def _decode_16bit_colour(path: Path, raw_mode: str):
     return f, alpha, 16 if arr.dtype == np.uint16 else 8
 
 
+def _orientation(exif) -> int:
+    o = exif.get(_ORIENTATION, 1)
+    if o not in range(1, 9):
+        logger.debug("ignoring invalid EXIF orientation %r", o)
+        return 1
+    return int(o)
+
+
+def _opencv_orientation(im, pil_orientation: int, pixels: np.ndarray, header_orientation: int) -> Optional[int]:
+    """The orientation still to apply to OpenCV's 16-bit pixels: ``header_orientation`` (as stored) or 1
+    (OpenCV 5 applies a TIFF orientation tag itself even with ``IMREAD_UNCHANGED``; 4.x and PNG ``eXIf`` do
+    not). Told apart by comparing with Pillow's loaded 8-bit pixels (made upright); ``None`` if neither fits."""
+    ref = np.asarray(im).astype(np.float32)
+    ref = ref[..., : pixels.shape[2]] if ref.ndim == 3 else ref[..., None]
+    ref = _apply_orientation(ref, pil_orientation)
+    got = pixels * 255.0
+
+    def close(a, b):
+        return a.shape == b.shape and float(np.abs(a - b).mean()) < 2.0
+
+    if close(got, ref):
+        return 1
+    if close(_apply_orientation(got, header_orientation), ref):
+        return header_orientation
+    return None
+
+
 def _apply_orientation(a: np.ndarray, orientation) -> np.ndarray:
     """Make an EXIF-oriented array upright (the same transposes as ``PIL.ImageOps.exif_transpose``)."""
     if orientation == 2:
@@ -409,7 +451,6 @@ def _apply_orientation(a: np.ndarray, orientation) -> np.ndarray:
         return a[::-1, ::-1].swapaxes(0, 1)
     if orientation == 8:
         return np.rot90(a, k=1)
-    logger.debug("ignoring invalid EXIF orientation %r", orientation)
     return a
 
 
