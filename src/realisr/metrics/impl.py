@@ -1,0 +1,285 @@
+"""Metric implementations behind the registry (imported only when a metric is created).
+
+Learned metrics reuse the field's libraries: torchmetrics (LPIPS, DISTS, FID via torch-fidelity) and,
+as an optional backend under a non-commercial licence, pyiqa (MUSIQ, MANIQA, CLIPIQA). realisr never
+downloads their weights: the files are looked up where :func:`realisr.metrics.registry.find_weight_file`
+says and loaded with ``torch.load(weights_only=True)`` (the libraries' own loaders would fetch them from
+the network when absent).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .functional import crop_border, psnr_y, ssim_y
+from .registry import Metric, MetricSpec, SetMetric, find_weight_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PSNRY", "SSIMY", "NIQEMetric", "LPIPSMetric", "DISTSMetric", "FIDMetric", "PyiqaMetric",
+           "niqe_status", "to_tensor"]
+
+_PATCH_LOCK = threading.Lock()
+
+
+class PSNRY(Metric):
+    def _compute(self, sr, ref) -> float:
+        return psnr_y(sr, ref, self.border)
+
+
+class SSIMY(Metric):
+    def _compute(self, sr, ref) -> float:
+        return ssim_y(sr, ref, self.border)
+
+
+def niqe_status() -> tuple[bool, str]:
+    """NIQE's parameters: on this machine, or to be fetched with pip on first use (registry status hook)."""
+    from .niqe import BASICSR_SDIST, NIQE_NPZ, find_niqe_parameters
+
+    p = find_niqe_parameters()
+    if p is not None:
+        return True, str(p)
+    return True, f"{NIQE_NPZ} is fetched on first use (pip download {BASICSR_SDIST} --no-binary :all:)"
+
+
+class NIQEMetric(Metric):
+    def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
+        super().__init__(spec, border, device)
+        from .niqe import niqe_parameters
+
+        self.params = niqe_parameters()
+
+    def _compute(self, sr, ref) -> float:
+        from .niqe import niqe
+
+        return niqe(sr, border=self.border, params=self.params)
+
+
+# -- torch helpers ------------------------------------------------------------------------------------------
+def _device(device):
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_tensor(img, border: int = 0, device=None):
+    """``[H, W, 3]`` uint8/float image -> ``[1, 3, H, W]`` float32 tensor in ``[0, 1]`` (border cropped)."""
+    import torch
+
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    f = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    f = crop_border(f, border)
+    t = torch.from_numpy(np.ascontiguousarray(f.transpose(2, 0, 1)))[None]
+    return t.to(device) if device is not None else t
+
+
+def _load_state_dict(path: Path) -> dict:
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
+        raise CheckpointError(f"{path} is not a plain PyTorch state dict ({type(e).__name__}): replace it with "
+                              "the official file") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return sd
+
+
+def _weight_path(spec: MetricSpec, i: int = 0) -> Path:
+    p = find_weight_file(spec.weights[i])
+    if p is None:  # create_metric checks first; this is for direct construction
+        from .registry import MetricUnavailableError
+
+        raise MetricUnavailableError(f"{spec.id} needs {spec.weights[i].name}")
+    return p
+
+
+def _load_features_into_slices(slices, state: dict, path: Path) -> None:
+    """Copy torchvision ``features.<i>.*`` tensors into torchmetrics' ``slice<k>.<i>.*`` backbone modules."""
+    import torch
+
+    owner = {}
+    for slice_name, sl in slices.named_children():
+        for child_name, _ in sl.named_children():
+            owner[child_name] = slice_name
+    mapped = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "features" and parts[1] in owner:
+            mapped[f"{owner[parts[1]]}.{parts[1]}.{'.'.join(parts[2:])}"] = v
+    target = slices.state_dict()
+    missing = [k for k in target if k not in mapped]
+    if missing:
+        raise CheckpointError(f"{path.name} lacks backbone tensors ({missing[0]}, ...): it is not the torchvision file")
+    for k, v in mapped.items():
+        if k in target and tuple(target[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path.name}: {k} has shape {tuple(v.shape)}, expected {tuple(target[k].shape)}")
+    with torch.no_grad():
+        slices.load_state_dict({k: v for k, v in mapped.items() if k in target}, strict=True)
+
+
+class LPIPSMetric(Metric):
+    """LPIPS v0.1 with the AlexNet backbone: torchmetrics' network, heads bundled with torchmetrics, the
+    ImageNet AlexNet from the user's file (torchmetrics would download it)."""
+
+    def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
+        super().__init__(spec, border, device)
+        from torchmetrics.functional.image.lpips import _LPIPS
+
+        path = _weight_path(spec)
+        net = _LPIPS(pretrained=True, net="alex", pnet_rand=True)  # heads from the wheel, backbone random
+        _load_features_into_slices(net.net, _load_state_dict(path), path)
+        self.device = _device(device)
+        self.net = net.eval().requires_grad_(False).to(self.device)
+
+    def _compute(self, sr, ref) -> float:
+        import torch
+
+        with torch.inference_mode():
+            a = to_tensor(sr, self.border, self.device)
+            b = to_tensor(ref, self.border, self.device)
+            return float(self.net(a, b, normalize=True).reshape(-1)[0])
+
+
+@contextmanager
+def _patched(obj, name: str, value):
+    with _PATCH_LOCK:
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            setattr(obj, name, old)
+
+
+class DISTSMetric(Metric):
+    """DISTS: torchmetrics' network with its bundled alpha/beta; the VGG16 backbone from the user's file.
+
+    torchmetrics builds ``vgg16(weights=DEFAULT)`` (a download) inside the constructor; its module-level
+    ``vgg16`` is swapped for one that loads the local file while the network is built.
+    """
+
+    def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
+        super().__init__(spec, border, device)
+        import torchmetrics.functional.image.dists as tm_dists
+        import torchvision
+
+        path = _weight_path(spec)
+        state = _load_state_dict(path)
+
+        def vgg16_local(weights=None, **kwargs):
+            m = torchvision.models.vgg16(weights=None)
+            feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+            try:  # only the convolutional part is used; the classifier may be absent
+                m.features.load_state_dict(feats, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{path.name} is not a torchvision VGG16 state dict: {str(e)[:120]}") from e
+            return m
+
+        with _patched(tm_dists, "vgg16", vgg16_local):
+            net = tm_dists.DISTSNetwork(load_weights=True)
+        self.device = _device(device)
+        self.net = net.eval().requires_grad_(False).to(self.device)
+
+    def _compute(self, sr, ref) -> float:
+        import torch
+
+        with torch.inference_mode():
+            a = to_tensor(sr, self.border, self.device)
+            b = to_tensor(ref, self.border, self.device)
+            return float(self.net(a, b).reshape(-1)[0])
+
+
+class FIDMetric(SetMetric):
+    """Folder-vs-folder FID (torchmetrics + torch-fidelity's TF-ported InceptionV3, 2048-d pool features)."""
+
+    def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
+        super().__init__(spec, border, device)
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        path = _weight_path(spec)
+        _load_state_dict(path)  # torch-fidelity unpickles it with weights_only=False: check it is plain first
+        self.device = _device(device)
+        self.fid = FrechetInceptionDistance(feature=2048, normalize=True,
+                                            feature_extractor_weights_path=str(path)).to(self.device)
+        self.n = 0
+
+    def reset(self) -> None:
+        self.fid.reset()
+        self.n = 0
+
+    def update(self, sr, ref) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.fid.update(to_tensor(ref, self.border, self.device), real=True)
+            self.fid.update(to_tensor(sr, self.border, self.device), real=False)
+        self.n += 1
+
+    def compute(self) -> float:
+        if self.n < 2:
+            raise ValueError("FID needs at least 2 image pairs")
+        return float(self.fid.compute())
+
+
+class PyiqaMetric(Metric):
+    """A pyiqa metric (optional backend, PolyForm-Noncommercial): MUSIQ-KonIQ, MANIQA-PIPAL, CLIPIQA.
+
+    Weights come from the user's files: passed as ``pretrained_model_path`` (MUSIQ, MANIQA), or linked into
+    pyiqa's CLIP folder (CLIPIQA). MANIQA's timm ViT is built without its ImageNet download: the MANIQA
+    checkpoint holds all of its tensors.
+    """
+
+    def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
+        super().__init__(spec, border, device)
+        from ..errors import require
+
+        pyiqa = require("pyiqa", "pyiqa")
+        name = spec.options["pyiqa_name"]
+        self.device = _device(device)
+        path = _weight_path(spec)
+        kwargs = {}
+        if name == "clipiqa":
+            from .registry import torch_hub_dir
+
+            hub = torch_hub_dir() / spec.weights[0].hub_subdir / spec.weights[0].name
+            if not hub.exists():
+                hub.parent.mkdir(parents=True, exist_ok=True)
+                hub.symlink_to(path)
+        else:
+            kwargs["pretrained_model_path"] = str(path)
+        if name.startswith("maniqa"):
+            import timm
+
+            create = timm.create_model
+
+            def create_no_download(*args, **kw):
+                kw["pretrained"] = False
+                return create(*args, **kw)
+
+            with _patched(timm, "create_model", create_no_download):
+                self.metric = pyiqa.create_metric(name, device=self.device, **kwargs)
+        else:
+            self.metric = pyiqa.create_metric(name, device=self.device, **kwargs)
+
+    def _compute(self, sr, ref) -> float:
+        import torch
+
+        with torch.inference_mode():
+            return float(self.metric(to_tensor(sr, self.border, self.device)).reshape(-1)[0])
