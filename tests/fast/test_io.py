@@ -106,6 +106,19 @@ def test_exif_orientation_applied_and_reset(tmp_path, orientation):
     assert kept[0x010F] == "realisr-test"
 
 
+@pytest.mark.parametrize("orientation", [2, 5, 6, 7, 8])
+def test_exif_orientation_jpeg(tmp_path, orientation):
+    upright = np.kron(pattern(2, 3), np.ones((8, 8, 1), np.uint8))  # 8x8 blocks: JPEG keeps them
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    src = tmp_path / "o.jpg"
+    Image.fromarray(np.ascontiguousarray(STORED[orientation](upright))).save(src, exif=exif.tobytes(), quality=100)
+    data = read_image(src)
+    assert data.pixels.shape == upright.shape
+    assert np.abs(to_u8(data.pixels).astype(int) - upright).mean() < 3
+    assert data.info["orientation"] == orientation
+
+
 def test_exif_orientation_on_alpha_and_jpeg_output_not_rotated_twice(tmp_path):
     upright = np.kron(pattern(2, 3), np.ones((8, 8, 1), np.uint8))  # 16x24 blocks survive JPEG
     a = np.zeros(upright.shape[:2], np.uint8)
@@ -250,6 +263,31 @@ def test_16bit_grey_alpha_png(tmp_path):
     assert data.bit_depth == 16 and data.is_grey
     assert np.array_equal(to_u16(data.pixels[..., 0]), g)
     assert np.array_equal(to_u16(data.alpha), a)
+
+
+def test_16bit_colour_without_opencv(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from realisr.errors import MissingExtraError
+
+    v = u16_values((3, 4, 3))
+    src = tmp_path / "in16.png"
+    src.write_bytes(raw_png_u16(v))
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    with caplog.at_level(logging.WARNING, logger="realisr.io.image_io"):
+        data = read_image(src)
+    assert data.bit_depth == 8 and "opencv" in caplog.text.lower()
+    assert np.abs(to_u16(data.pixels).astype(int) - v).max() <= 257  # the 8-bit approximation
+    sixteen = ImageData(pixels=v.astype(np.float32) / 65535, bit_depth=16)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name in ("cv2", "tifffile") else 1)
+    out = write_image(tmp_path / "auto.png", sixteen)  # auto depth: falls back to 8 bits with a warning
+    with Image.open(out) as im:
+        assert im.mode == "RGB"
+    with pytest.raises(MissingExtraError):
+        write_image(tmp_path / "forced.png", sixteen, bit_depth=16)
+    assert not (tmp_path / "forced.png").exists()
+    assert sorted(os.listdir(tmp_path)) == ["auto.png", "in16.png"]
 
 
 def test_16bit_data_to_jpeg_is_8bit_unless_asked(tmp_path):

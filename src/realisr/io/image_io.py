@@ -478,12 +478,16 @@ def write_image(path: PathLike, data: ImageData, *, overwrite: bool = False, fmt
     """
     path = Path(path)
     fmt_name = output_format_for(fmt if fmt else path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists: pass --overwrite (overwrite=True) to replace it")
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a folder: give a file name")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} exists: pass --overwrite (overwrite=True) to replace it")
     if bit_depth is None:
         bit_depth = 16 if data.bit_depth == 16 and fmt_name in _SIXTEEN_BIT_FORMATS else 8
+        if bit_depth == 16 and not _can_write_16bit(data, fmt_name):
+            logger.warning("writing %s with 8 bits per channel: 16-bit colour needs OpenCV "
+                           "(pip install opencv-python-headless)", path.name)
+            bit_depth = 8
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
     if bit_depth == 16 and fmt_name not in _SIXTEEN_BIT_FORMATS:
@@ -515,6 +519,16 @@ def write_image(path: PathLike, data: ImageData, *, overwrite: bool = False, fmt
         raise
     logger.debug("wrote %s (%s, %d-bit)", path, fmt_name, bit_depth)
     return path
+
+
+def _can_write_16bit(data: ImageData, fmt_name: str) -> bool:
+    """Whether the encoder that 16-bit ``data`` needs is installed (Pillow alone does 16-bit grey)."""
+    import importlib.util
+
+    if data.is_grey and data.alpha is None:
+        return True
+    needed = ("cv2",) if fmt_name == "PNG" else ("tifffile", "cv2")
+    return any(importlib.util.find_spec(m) is not None for m in needed)
 
 
 _UMASK: Optional[int] = None
