@@ -595,6 +595,34 @@ def test_no_partial_file_when_encoder_fails(tmp_path, monkeypatch, pre_existing)
         assert p.read_bytes() == b"precious"
 
 
+def test_disk_full_gives_one_line_error_and_no_file(tmp_path, monkeypatch):
+    from realisr.io.image_io import OutputWriteError
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(image_io.os, "fsync", full)
+    with pytest.raises(OutputWriteError, match="No space left") as e:
+        write_image(tmp_path / "full.png", _data())
+    assert "\n" not in str(e.value) and "full.png" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_target_appearing_during_encoding_is_not_clobbered(tmp_path, monkeypatch):
+    p = tmp_path / "race.png"
+    real_encode = image_io._encode
+
+    def encode_while_someone_else_writes(fh, *args, **kwargs):
+        p.write_bytes(b"the other writer")
+        return real_encode(fh, *args, **kwargs)
+
+    monkeypatch.setattr(image_io, "_encode", encode_while_someone_else_writes)
+    with pytest.raises(OutputExistsError):
+        write_image(p, _data())
+    assert p.read_bytes() == b"the other writer"
+    assert os.listdir(tmp_path) == ["race.png"]
+
+
 def test_output_permissions_follow_umask(tmp_path):
     out = write_image(tmp_path / "perm.png", _data())
     umask = os.umask(0)
