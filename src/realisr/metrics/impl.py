@@ -184,7 +184,11 @@ class DISTSMetric(Metric):
         state = _load_state_dict(path)
 
         def vgg16_local(weights=None, **kwargs):
-            m = torchvision.models.vgg16(weights=None)
+            import torch
+
+            with torch.device("meta"):  # the classifier (120M parameters) is never used: don't allocate it
+                m = torchvision.models.vgg16(weights=None)
+            m.features = m.features.to_empty(device="cpu")
             feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
             try:  # only the convolutional part is used; the classifier may be absent
                 m.features.load_state_dict(feats, strict=True)
