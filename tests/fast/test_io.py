@@ -418,6 +418,18 @@ def test_icc_profile_kept(tmp_path, ext):
         assert im.info.get("icc_profile") == icc
 
 
+def test_icc_profile_of_the_wrong_colour_space_is_not_written(tmp_path, caplog):
+    grey = ImageData(pixels=np.full((3, 3, 1), 0.5, np.float32), icc_profile=srgb_icc())  # RGB profile
+    with caplog.at_level(logging.WARNING, logger="realisr.io.image_io"):
+        out = write_image(tmp_path / "g.png", grey)
+    with Image.open(out) as im:
+        assert im.mode == "L" and "icc_profile" not in im.info
+    assert "ICC" in caplog.text
+    out = write_image(tmp_path / "g.webp", grey, quality=100)  # WebP stores grey as RGB: the profile fits
+    with Image.open(out) as im:
+        assert im.info.get("icc_profile") == srgb_icc()
+
+
 @pytest.mark.parametrize("ext", ["jpg", "png", "webp"])
 def test_exif_kept_with_new_size(tmp_path, ext):
     exif = Image.Exif()

@@ -619,7 +619,8 @@ def _encode(fh, px: np.ndarray, alpha: Optional[np.ndarray], data: ImageData, fm
 
     h, w = px.shape[:2]
     grey = px.shape[2] == 1
-    icc = data.icc_profile if fmt_name != "BMP" else None
+    out_grey = grey and fmt_name != "WEBP" and not (bits == 16 and alpha is not None)
+    icc = _icc_for_output(data.icc_profile, out_grey) if fmt_name != "BMP" else None
     exif = _exif_for_output(data.exif, w, h) if fmt_name != "BMP" else None
 
     if bits == 16 and (not grey or alpha is not None):  # Pillow has no 16-bit RGB(A)/LA mode
@@ -661,6 +662,19 @@ def _encode(fh, px: np.ndarray, alpha: Optional[np.ndarray], data: ImageData, fm
     elif fmt_name == "PNG":
         kw.update(compress_level=6)
     img.save(fh, format=fmt_name, **kw)
+
+
+def _icc_for_output(icc: Optional[bytes], grey: bool) -> Optional[bytes]:
+    """The profile if its colour space (ICC header bytes 16-20) fits the output's channels, else None: a grey
+    profile on RGB pixels (or the reverse) makes a file that colour-managed readers reject."""
+    if not icc or len(icc) < 128:
+        return None
+    space = icc[16:20]
+    if space == (b"GRAY" if grey else b"RGB "):
+        return icc
+    logger.warning("not writing the %s ICC profile to a %s image", space.decode("latin-1").strip() or "unknown",
+                   "grey" if grey else "colour")
+    return None
 
 
 def _tiff_ifd0_exif(exif: bytes) -> Optional[bytes]:
