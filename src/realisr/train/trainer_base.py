@@ -1,0 +1,450 @@
+"""What the PiSA-SR and OSEDiff trainers share: accelerate setup, backbone loading, prompts, data, the step
+loop, checkpoints (official .pkl + safetensors + resume state), validation images and logs.
+
+A trainer subclass builds its networks and optimisers (:meth:`BaseTrainer.build`), runs one optimisation step
+(:meth:`BaseTrainer.training_step`) and says what goes into a checkpoint. Randomness of a step (degradation,
+noise, timesteps, prompt drop) comes from generators seeded by ``(seed, step, rank)``, so a resumed run draws
+the same numbers as an uninterrupted one (the data order is the only exception).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from realisr.errors import RealisrError, WeightsNotFoundError
+from realisr.progress import report
+from realisr.train.config import RecipeConfig, recipe_to_dict
+
+__all__ = ["BaseTrainer", "TrainingError", "resolve_pretrained", "load_sd_components", "find_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RealisrError, RuntimeError):
+    """Training cannot start or continue (bad resume folder, too little data for the batch, ...)."""
+
+
+def resolve_pretrained(pretrained: str) -> Path:
+    """A diffusers model folder from a local path or a hub id already in the HF cache (no download).
+
+    Raises:
+        WeightsNotFoundError: neither exists.
+    """
+    p = Path(pretrained).expanduser()
+    if p.is_dir():
+        return p
+    from realisr.weights.cache import find_hf_snapshot, hf_hub_cache
+
+    snap = find_hf_snapshot(pretrained)
+    if snap is not None:
+        return snap
+    raise WeightsNotFoundError(f"diffusion backbone {pretrained!r} is neither a folder nor in the HF cache "
+                               f"({hf_hub_cache()}): download it there or set model.pretrained to a local folder")
+
+
+def load_sd_components(pretrained: str) -> dict:
+    """Tokenizer, text encoder, VAE, UNet and DDPM scheduler of an SD-2.x folder (all on CPU, fp32)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = resolve_pretrained(pretrained)
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae"),
+        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+    }
+
+
+def find_checkpoint(output_dir: Path, which: str) -> Path:
+    """``latest`` -> the newest ``checkpoints/step-*`` folder with a resume state; or a given folder.
+
+    Raises:
+        TrainingError: nothing to resume from.
+    """
+    if which != "latest":
+        p = Path(which).expanduser()
+        if not (p / "training_state" / "state.json").is_file():
+            raise TrainingError(f"{p} is not a training checkpoint folder (no training_state/state.json): "
+                                "give a checkpoints/step-N folder or 'latest'")
+        return p
+    found = sorted((output_dir / "checkpoints").glob("step-*/training_state/state.json"))
+    if not found:
+        raise TrainingError(f"train.resume=latest but {output_dir / 'checkpoints'} holds no checkpoint")
+    return found[-1].parent.parent
+
+
+def _dtype_of(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+class BaseTrainer:
+    """Shared training loop. Subclasses implement :meth:`build`, :meth:`training_step`,
+    :meth:`official_checkpoint` and :meth:`generate`.
+
+    Args:
+        cfg: the recipe.
+        callback: optional :mod:`realisr.progress` callback (stage ``"train"``).
+    """
+
+    method = ""
+    #: file stem of the official checkpoint (``pisa_sr`` / ``osediff``).
+    checkpoint_name = ""
+
+    def __init__(self, cfg: RecipeConfig, callback: Optional[Callable] = None):
+        self.cfg = cfg
+        self.callback = callback
+        self.output_dir = Path(cfg.output_dir).expanduser()
+        self.step = 0
+        self.lpips = None
+        self.optimizers: dict[str, Any] = {}
+        self.trainable: dict[str, torch.nn.Module] = {}  # prefix -> unwrapped module whose trainable params we save
+        self._emb_cache: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Check weights, build the accelerator, the networks, data and optimisers; resume if asked."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        cfg = self.cfg
+        # LPIPS first: a missing file must stop us before anything slow (and before the stage that needs it).
+        if self.needs_lpips():
+            from realisr.train.losses import find_lpips_vgg_weights
+
+            find_lpips_vgg_weights(cfg.loss.lpips_vgg_weights)
+        resolve_pretrained(cfg.model.pretrained)
+
+        cpu = not torch.cuda.is_available()
+        mp = cfg.train.mixed_precision
+        if cpu and mp == "fp16":
+            logger.warning("fp16 mixed precision needs a GPU: training in fp32 on the CPU")
+            mp = "no"
+        self.accelerator = Accelerator(
+            mixed_precision=mp, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], cpu=cpu)
+        self.device = self.accelerator.device
+        self.weight_dtype = _dtype_of(mp)
+        set_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts rank 0's weights)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "recipe.json", "w", encoding="utf-8") as f:
+                json.dump(recipe_to_dict(cfg), f, indent=1)
+
+        if self.needs_lpips():
+            from realisr.train.losses import load_lpips
+
+            self.lpips = load_lpips(cfg.loss.lpips_vgg_weights).to(self.device)
+        elif cfg.loss.lpips == 0:
+            logger.warning("training WITHOUT the LPIPS loss (loss.lpips = 0), as requested")
+
+        comps = load_sd_components(cfg.model.pretrained)
+        self.tokenizer = comps["tokenizer"]
+        self.text_encoder = comps["text_encoder"].requires_grad_(False).eval().to(self.device, self.weight_dtype)
+        self.noise_scheduler = comps["scheduler"]
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.vae_scale = float(comps["vae"].config.scaling_factor)
+        self.build(comps["unet"], comps["vae"])
+        self._build_data()
+        self.after_prepare()
+        if cfg.train.resume:
+            self.load_state(find_checkpoint(self.output_dir, cfg.train.resume))
+
+    def needs_lpips(self) -> bool:
+        return self.cfg.loss.lpips > 0
+
+    def cast_frozen(self, module: torch.nn.Module, keep_fp32: Iterable[torch.nn.Parameter]) -> None:
+        """Frozen weights in the mixed-precision dtype, trainable ones (``keep_fp32``) in fp32."""
+        keep = {id(p) for p in keep_fp32}
+        module.to(self.device)
+        for p in module.parameters():
+            p.data = p.data.to(torch.float32 if id(p) in keep else self.weight_dtype)
+
+    def _build_data(self) -> None:
+        from realisr.train.data import HQCropDataset, LQMaker, list_sources, load_captions
+
+        cfg = self.cfg
+        files = list_sources(cfg.data.hq)
+        captions = load_captions(cfg.data.captions)
+        self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, captions)
+        need = cfg.data.batch_size * self.accelerator.num_processes
+        if len(self.dataset) < need:
+            raise TrainingError(f"{len(self.dataset)} training images for a global batch of {need}: add images, "
+                                "raise their repeat factor or lower data.batch_size")
+        g = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
+            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+        self.dataloader = self.accelerator.prepare(loader)
+        self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device)
+        # validation: fixed crops and a fixed degradation, made once
+        self._val = None
+        if cfg.validation.every > 0 and cfg.validation.num > 0 and self.accelerator.is_main_process:
+            vfiles = list_sources([cfg.validation.images]) if cfg.validation.images else files
+            vfiles = list(dict.fromkeys(vfiles))[: cfg.validation.num]
+            vds = HQCropDataset(vfiles, cfg.data.crop_size, hflip=False, captions=captions, random=False)
+            items = [vds[i] for i in range(len(vds))]
+            hq = torch.stack([it["hq"] for it in items])
+            vg = torch.Generator(self.device).manual_seed(cfg.validation.seed)
+            lq = self.lq_maker(hq, generator=vg).cpu()
+            self._val = {"hq": hq, "lq": lq, "captions": [it["caption"] for it in items]}
+
+    # ------------------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [N, 77, C] of ``prompts`` (cached per distinct string)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._emb_cache]
+        if missing:
+            ids = self.tokenizer(missing, max_length=self.tokenizer.model_max_length, padding="max_length",
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            embs = self.text_encoder(ids)[0].float()
+            for p, e in zip(missing, embs):
+                if len(self._emb_cache) > 4096:
+                    self._emb_cache.clear()
+                self._emb_cache[p] = e
+        return torch.stack([self._emb_cache[p] for p in prompts])
+
+    def step_generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
+        """(device generator, CPU generator) for this step and rank."""
+        s = (self.cfg.seed * 1_000_003 + step * 7919 + self.accelerator.process_index * 104_729) % (2**62)
+        return torch.Generator(self.device).manual_seed(s), torch.Generator().manual_seed(s + 1)
+
+    def batch_prompts(self, captions: list[str], gcpu: torch.Generator) -> list[str]:
+        """Captions, or all "" with probability ``null_text_ratio`` (one coin flip per batch, as official)."""
+        if torch.rand((), generator=gcpu).item() < self.cfg.data.null_text_ratio:
+            return [""] * len(captions)
+        return list(captions)
+
+    # ----------------------------------------------------------------------------------- subclass hooks
+    def build(self, unet, vae) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_prepare(self) -> None:
+        """Called once networks, data and optimisers exist (before resume)."""
+
+    def before_step(self, step: int) -> None:
+        """Called before optimisation step ``step`` (0-based) starts, e.g. to switch stages."""
+
+    def training_step(self, batch: dict, step: int) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_modules(self) -> list:
+        """The prepared (DDP) modules that gradient accumulation must cover."""
+        raise NotImplementedError  # pragma: no cover
+
+    def official_checkpoint(self) -> dict:  # pragma: no cover - abstract
+        """The checkpoint dict in the official .pkl layout."""
+        raise NotImplementedError
+
+    def generate(self, lq: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
+        """Eval-mode SR of LQ images in [0,1] (already at the HQ size) -> [0,1]."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def prepare_batch(self, batch: dict, step: int):
+        """HQ and LQ in [-1, 1] on the device, prompts, and this step's generators."""
+        from realisr.train.data import to_model_range
+
+        gdev, gcpu = self.step_generators(step)
+        hq = batch["hq"].to(self.device, torch.float32)
+        lq = self.lq_maker(hq, generator=gdev)
+        prompts = self.batch_prompts(list(batch["caption"]), gcpu)
+        return to_model_range(hq), to_model_range(lq), prompts, gdev
+
+    def clip_and_step(self, optimizer, params: list) -> Optional[float]:
+        norm = None
+        if self.accelerator.sync_gradients and self.cfg.train.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm) if norm is not None else None
+
+    def make_optimizer(self, params: list):
+        t = self.cfg.train
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                 weight_decay=t.weight_decay)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        """Run the recipe to ``train.max_steps``.
+
+        Returns:
+            A summary: final step, last losses, steps/s, peak CUDA memory (bytes, 0 on CPU), checkpoint folder.
+        """
+        if not hasattr(self, "accelerator"):
+            self.setup()
+        acc = self.accelerator
+        cfg = self.cfg
+        max_steps = cfg.train.max_steps
+        logs: dict[str, float] = {}
+        report(self.callback, "train", self.step, max_steps)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0, s0 = time.perf_counter(), self.step
+        last_ckpt = None
+        epoch = 0
+        while self.step < max_steps:
+            if hasattr(self.dataloader, "set_epoch"):
+                self.dataloader.set_epoch(epoch)
+            for batch in self.dataloader:
+                if self.step >= max_steps:
+                    break
+                self.before_step(self.step)
+                with acc.accumulate(*self.train_modules()):
+                    logs = self.training_step(batch, self.step)
+                if not acc.sync_gradients:
+                    continue
+                self.step += 1
+                if not all(math.isfinite(v) for v in logs.values()):
+                    raise TrainingError(f"non-finite loss at step {self.step} ({logs}): lower train.lr or use "
+                                        "bf16/fp32 (train.mixed_precision)")
+                if self.step % cfg.train.log_every == 0 or self.step == max_steps:
+                    self._log(logs)
+                report(self.callback, "train", self.step, max_steps,
+                       " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0:
+                    last_ckpt = self.save_checkpoint()
+                if cfg.validation.every > 0 and self.step % cfg.validation.every == 0:
+                    self.validate()
+            epoch += 1
+        elapsed = time.perf_counter() - t0
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
+            last_ckpt = self.save_checkpoint()
+        if cfg.validation.every > 0 and self.step % cfg.validation.every != 0:
+            self.validate()
+        acc.wait_for_everyone()
+        summary = {"step": self.step, "losses": logs,
+                   "steps_per_s": (self.step - s0) / elapsed if elapsed > 0 else 0.0,
+                   "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+                   "checkpoint": str(last_ckpt)}
+        logger.info("training done: %s", summary)
+        acc.end_training()
+        return summary
+
+    def _log(self, logs: dict) -> None:
+        logger.info("step %d: %s", self.step, " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, **logs}) + "\n")
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter that any stage trains, keyed ``<prefix>.<name>`` (for resuming)."""
+        out = {}
+        for prefix, module in self.trainable.items():
+            for name, p in module.named_parameters():
+                if id(p) in self._trainable_ids:
+                    out[f"{prefix}.{name}"] = p.detach().float().cpu().contiguous()
+        return out
+
+    def safetensors_checkpoint(self, official: dict) -> tuple[dict, dict]:
+        """The official checkpoint as safetensors: ``unet.*``/``vae.*`` tensors, lists and ranks in metadata."""
+        tensors, meta = {}, {"format": f"realisr-{self.method}-lora", "method": self.method, "lora_alpha": "8"}
+        for key, value in official.items():
+            if key.startswith("state_dict_"):
+                part = key[len("state_dict_"):]
+                tensors.update({f"{part}.{k}": v.detach().float().cpu().contiguous() for k, v in value.items()})
+            else:
+                meta[key] = json.dumps(value)
+        return tensors, meta
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process)."""
+        from realisr.weights.cache import atomic_save_file
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        if acc.is_main_process:
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "training_state").mkdir(parents=True)
+            official = self.official_checkpoint()
+            torch.save(official, tmp / f"{self.checkpoint_name}.pkl")
+            tensors, meta = self.safetensors_checkpoint(official)
+            atomic_save_file(tensors, tmp / f"{self.checkpoint_name}.safetensors", metadata=meta)
+            atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
+            for name, opt in self.optimizers.items():
+                torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
+            with open(tmp / "training_state" / "state.json", "w", encoding="utf-8") as f:
+                json.dump({"step": self.step, "method": self.method, "seed": self.cfg.seed}, f)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            self._prune_checkpoints()
+            logger.info("checkpoint written: %s", folder)
+        acc.wait_for_everyone()
+        return folder
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.train.keep_checkpoints
+        if keep <= 0:
+            return
+        folders = sorted((self.output_dir / "checkpoints").glob("step-[0-9]*"))
+        for old in folders[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_state(self, folder: Path) -> None:
+        """Restore trainable weights, optimiser moments and the step from a checkpoint folder."""
+        from safetensors.torch import load_file
+
+        state_dir = folder / "training_state"
+        state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        if state.get("method") != self.method:
+            raise TrainingError(f"{folder} is a {state.get('method')} checkpoint, this recipe trains {self.method}")
+        tensors = load_file(str(state_dir / "trainable.safetensors"))
+        own = {}
+        for prefix, module in self.trainable.items():
+            for name, p in module.named_parameters():
+                own[f"{prefix}.{name}"] = p
+        missing = sorted(set(k for k, p in own.items() if id(p) in self._trainable_ids) - set(tensors))
+        unknown = sorted(set(tensors) - set(own))
+        if missing or unknown:
+            raise TrainingError(f"{folder} does not match this recipe (e.g. {(missing or unknown)[0]}): same method, "
+                                "ranks and backbone needed to resume")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v.to(own[k].device, own[k].dtype))
+        for name, opt in self.optimizers.items():
+            path = state_dir / f"optimizer_{name}.pt"
+            if path.is_file():
+                opt.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", folder, self.step)
+
+    # -------------------------------------------------------------------------------------- validation
+    def validate(self) -> Optional[dict]:
+        """Write ``validation/step-N.png`` (rows: LQ | SR | HQ) and log PSNR (main process)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        result = None
+        if acc.is_main_process and self._val is not None:
+            import numpy as np
+            from PIL import Image
+
+            lq, hq = self._val["lq"], self._val["hq"]
+            with torch.no_grad():
+                sr = torch.cat([self.generate(lq[i:i + 1].to(self.device), self._val["captions"][i:i + 1]).cpu()
+                                for i in range(lq.shape[0])])
+            mse = ((sr - hq) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            psnr = float((10 * torch.log10(1.0 / mse)).mean())
+            rows = torch.cat([torch.cat([lq[i], sr[i], hq[i]], dim=-1) for i in range(lq.shape[0])], dim=-2)
+            arr = (rows.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            folder = self.output_dir / "validation"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(arr)).save(folder / f"step-{self.step:06d}.png")
+            result = {"step": self.step, "val_psnr": psnr}
+            logger.info("validation step %d: PSNR %.2f dB (%s)", self.step, psnr, folder)
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(result) + "\n")
+        acc.wait_for_everyone()
+        return result
