@@ -460,13 +460,13 @@ def test_cli_degrade_writes_lq_and_grid(tmp_path):
     out1, out2 = tmp_path / "lq1", tmp_path / "lq2"
     grid = tmp_path / "grid.png"
     rc = main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out1), "--preset", "pisa-sr", "--seed", "0",
-               "--grid", str(grid)])
+               "--grid", str(grid), "--grid-samples", "2", "--grid-cell", "32"])
     assert rc == 0
     files = sorted(p.name for p in out1.iterdir())
     assert files == ["img0.png", "img1.png"]
     assert Image.open(out1 / "img0.png").size == (16, 12)
     assert Image.open(out1 / "img1.png").size == (14, 16)
-    assert grid.exists() and Image.open(grid).size[0] > 64
+    assert Image.open(grid).size == (3 * 32, 2 * 32)  # rows: images; columns: HQ, written LQ, one more sample
     assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "pisa-sr", "--seed", "0"]) == 0
     for name in files:
         assert np.array_equal(np.array(Image.open(out1 / name)), np.array(Image.open(out2 / name)))
