@@ -34,7 +34,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["niqe", "niqe_y_image", "niqe_parameters", "find_niqe_parameters", "NIQE_NPZ", "NIQE_NPZ_SHA256",
-           "BASICSR_SDIST"]
+           "BASICSR_SDIST", "matlab_imresize"]
 
 NIQE_NPZ = "niqe_pris_params.npz"
 NIQE_NPZ_SHA256 = "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296"
@@ -200,8 +200,9 @@ def _mirror(j, n: int):
     return j
 
 
-def _imresize_half(img: np.ndarray) -> np.ndarray:
-    """MATLAB ``imresize(img, 0.5)`` of a float plane (rows first, then columns), float32.
+def matlab_imresize(img: np.ndarray, scale: float) -> np.ndarray:
+    """MATLAB ``imresize(img, scale)`` (bicubic, antialiased) of a float plane (rows first, then columns),
+    float32, unclipped. Used by NIQE (scale 0.5) and for the bicubic LQ inputs of the offline benchmark.
 
     The plane is padded by mirroring and each output line is one ``mv`` over a strided slice of the padded
     plane, the memory layout basicsr uses (a gathered copy changes the BLAS summation order by 1e-7).
@@ -210,7 +211,7 @@ def _imresize_half(img: np.ndarray) -> np.ndarray:
 
     t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
     h, w = t.shape
-    wh, ih = _resize_taps(h, 0.5)
+    wh, ih = _resize_taps(h, scale)
     lo, hi = int(ih.min()), int(ih.max())
     aug = t[_mirror(torch.arange(lo, hi + 1), h)]
     kh = wh.shape[1]
@@ -218,7 +219,7 @@ def _imresize_half(img: np.ndarray) -> np.ndarray:
     for i in range(wh.shape[0]):
         s0 = int(ih[i, 0]) - lo
         rows[i, :] = aug[s0:s0 + kh, :].transpose(0, 1).mv(wh[i])
-    ww, iw = _resize_taps(w, 0.5)
+    ww, iw = _resize_taps(w, scale)
     lo, hi = int(iw.min()), int(iw.max())
     aug = torch.empty(rows.shape[0], hi - lo + 1)
     aug.copy_(rows[:, _mirror(torch.arange(lo, hi + 1), w)])
@@ -284,7 +285,7 @@ def niqe(img, border: int = 0, block_size: int = 96, params=None) -> float:
         rows = [_block_features(mscn[i * b:(i + 1) * b, j * b:(j + 1) * b]) for j in range(nw) for i in range(nh)]
         feats.append(np.array(rows))
         if scale == 1:
-            y = _imresize_half(y / 255.0) * 255.0
+            y = matlab_imresize(y / 255.0, 0.5) * 255.0
     dist = np.concatenate(feats, axis=1)
     mu_d = np.nanmean(dist, axis=0)
     cov_d = np.cov(dist[~np.isnan(dist).any(axis=1)], rowvar=False)

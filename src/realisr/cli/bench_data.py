@@ -1,0 +1,44 @@
+"""``realisr bench-data build --out DIR``: build the offline real-photo benchmark (see realisr.bench.data)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    b = sub.add_parser("build", help="fetch the photos, make HQ crops and LQ inputs, write manifest.json")
+    b.add_argument("-o", "--out", required=True, type=Path, metavar="DIR", help="output folder")
+    b.add_argument("--sources", default="skimage,mate-backgrounds,plasma-workspace-wallpapers",
+                   help="comma-separated: skimage, mate-backgrounds, plasma-workspace-wallpapers (default: all)")
+    b.add_argument("--hq-size", type=int, default=256, help="side of the HQ crops (default 256)")
+    b.add_argument("--scale", type=int, default=4, help="LQ downscaling factor (default 4)")
+    b.add_argument("--crops-per-image", type=int, default=1)
+    b.add_argument("--max-images", type=int, default=None, help="at most N photos per source")
+    b.add_argument("--degradations", default="bicubic,bnj,realesrgan",
+                   help="comma-separated: bicubic, bnj (blur+noise+JPEG), realesrgan (default: all)")
+    b.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    if getattr(args, "action", None) != "build":
+        print("usage: realisr bench-data build --out DIR", file=sys.stderr)
+        return 2
+    from realisr.bench.data import build_benchmark_data
+    from realisr.progress import TqdmProgress
+
+    progress = TqdmProgress(disable=getattr(args, "quiet", False))
+    try:
+        m = build_benchmark_data(
+            args.out, sources=[s.strip() for s in args.sources.split(",") if s.strip()], hq_size=args.hq_size,
+            scale=args.scale, crops_per_image=args.crops_per_image, seed=args.seed, max_images=args.max_images,
+            degradations=[d.strip() for d in args.degradations.split(",") if d.strip()], callback=progress)
+    finally:
+        progress.close()
+    if not getattr(args, "quiet", False):
+        for note in m["notes"]:
+            print(note)
+        print(f"{len(m['images'])} HQ crops in {args.out / 'HQ'}; LQ folders: "
+              + ", ".join(v for k, v in m["folders"].items() if k != "HQ") + f"; manifest {args.out / 'manifest.json'}")
+    return 0
