@@ -85,11 +85,13 @@ def sample_kernels(preset: DegradationPreset, n: int, generator: Optional[torch.
 
 
 def _sample_resize(n, probs, rng, generator, shared):
+    """Resize type (up/down/keep) and factor: up ``U[1, hi)``, down ``U[lo, 1)``, keep 1 (official)."""
     m = 1 if shared else n
     kind = _choice(m, probs, generator)
     u = _rand(m, generator)
     lo, hi = rng
-    scale = torch.where(kind == 0, 1.0 + (hi - 1.0) * u, torch.where(kind == 1, lo + (1.0 - lo) * u, torch.ones_like(u)))
+    scale = torch.where(kind == 0, 1.0 + (hi - 1.0) * u,
+                        torch.where(kind == 1, lo + (1.0 - lo) * u, torch.ones_like(u)))
     return kind.expand(n).clone(), scale.expand(n).clone()
 
 
