@@ -232,20 +232,19 @@ def sample_blur_kernels(
     th_aniso = _uniform(n, rotation_range[0], rotation_range[1], generator)
     u_side, u_beta = _uniform(n, 0, 1, generator), _uniform(n, 0, 1, generator)
 
-    names = list(kernel_list)
-    aniso = torch.tensor([names[i].endswith("aniso") for i in ktype.tolist()], dtype=torch.bool)
-    fam = [_FAMILY[names[i]] for i in ktype.tolist()]
+    families = ("gaussian", "generalized", "plateau")
+    aniso = torch.tensor([t.endswith("aniso") for t in kernel_list], dtype=torch.bool)[ktype]
+    fam = torch.tensor([families.index(_FAMILY[t]) for t in kernel_list], dtype=torch.long)[ktype]
     sy = torch.where(aniso, sy_aniso, sx)
     th = torch.where(aniso, th_aniso, torch.zeros_like(sx))
     beta_g = _split_beta(u_side, u_beta, betag_range)
     beta_p = _split_beta(u_side, u_beta, betap_range)
-    is_g = torch.tensor([f == "generalized" for f in fam], dtype=torch.bool)
-    is_p = torch.tensor([f == "plateau" for f in fam], dtype=torch.bool)
+    is_g, is_p = fam == 1, fam == 2
     beta = torch.where(is_g, beta_g, torch.where(is_p, beta_p, torch.full_like(sx, float("nan"))))
 
     kernels = torch.empty(n, pad_to, pad_to, dtype=torch.float64)
-    for family in ("gaussian", "generalized", "plateau"):
-        idx = torch.tensor([i for i, f in enumerate(fam) if f == family and not bool(is_sinc[i])], dtype=torch.long)
+    for f, family in enumerate(families):
+        idx = torch.nonzero((fam == f) & ~is_sinc).flatten()
         if len(idx):
             kernels[idx] = bivariate_kernel(family, sx[idx], sy[idx], th[idx],
                                             None if family == "gaussian" else beta[idx],
