@@ -159,3 +159,26 @@ register(ModelSpec(
                  "act_type": "prelu"},
     dtypes=("float32", "bfloat16", "float16"),
     description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))
+
+# One-step diffusion SR on SD-2.1-base; users bring the official checkpoint (see docs/weights.md).
+_DIFFUSION_DTYPES = ("float32", "bfloat16", "float16")
+register(ModelSpec(
+    id="pisa-sr", family="pisa-sr", scale=4,
+    license="see csslc/PiSA-SR (LoRA weights); SD-2.1-base: CreativeML Open RAIL++-M",
+    weights=WeightSource("user", files=("pisa_sr.pkl",),
+                         url="https://github.com/csslc/PiSA-SR (README: pretrained pisa_sr.pkl)"),
+    pipeline="realisr.pipelines.pisa_sr.pipeline_pisa_sr:PiSASRPipeline",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
+             "latent_tile": 96, "latent_overlap": 32},
+    description="PiSA-SR (CVPR'25): one-step SD-2.1 SR with pixel/semantic dials (lambda_pix, lambda_sem)"))
+register(ModelSpec(
+    id="osediff", family="osediff", scale=4,
+    license="see cswry/OSEDiff (LoRA weights); SD-2.1-base: CreativeML Open RAIL++-M",
+    weights=WeightSource("user", files=("osediff.pkl",),
+                         url="https://github.com/cswry/OSEDiff (preset/models/osediff.pkl)"),
+    pipeline="realisr.pipelines.osediff.pipeline_osediff:OSEDiffPipeline",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
+             "latent_tile": 96, "latent_overlap": 32},
+    description="OSEDiff (NeurIPS'24): one-step SD-2.1 SR (t=999), text prompt"))

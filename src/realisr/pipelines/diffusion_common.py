@@ -55,6 +55,8 @@ __all__ = [
     "vae_decode",
     "dial_to_latent",
     "vae_dtype_for",
+    "move_module",
+    "OneStepDiffusionPipeline",
 ]
 
 RESIZE_MODES = ("official", "pad")
@@ -274,6 +276,14 @@ def vae_dtype_for(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def move_module(module, device, dtype):
+    """Move a module; cast only when the dtype changes (diffusers warns on every ``.to(dtype)``)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
 def _auto_vae_tile(latent_h: int, latent_w: int, vae_tile: Optional[int]) -> Optional[int]:
     if vae_tile is None:  # auto: tile beyond 1024x1024 output pixels
         return 128 if latent_h * latent_w > 128 * 128 else None
@@ -397,3 +407,90 @@ def dial_to_latent(value, size: tuple[int, int], *, name: str, content: Optional
     if tuple(target) != tuple(size):
         t = F.pad(t, (0, size[1] - target[1], 0, size[0] - target[0]), mode="replicate")
     return t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared pipeline base
+_COMMON_ARGS = ("color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
+                "sample_posterior")
+
+
+class OneStepDiffusionPipeline:
+    """Mixin with what PiSA-SR and OSEDiff share (argument checks, geometry, VAE, tiling).
+
+    Subclasses also derive from :class:`realisr.pipelines.base.SRPipeline` and set ``unet``, ``vae``,
+    ``vae_dtype``, ``flavor`` (``"pisa"``/``"osediff"``) and ``timestep``.
+    """
+
+    flavor = "pisa"
+    timestep = 1
+
+    def _init_dtypes(self, dtype) -> None:
+        from .base import resolve_dtype
+
+        # bf16 where the GPU has it (fp32 range: no overflow), else fp16 with an fp32 VAE
+        self.dtype = resolve_dtype(dtype, self.device, self.spec.dtypes, prefer="bfloat16")
+        self.vae_dtype = vae_dtype_for(self.dtype)
+
+    def _check_common(self, kwargs: dict) -> None:
+        from ..color_fix import normalize_mode
+
+        normalize_mode(kwargs.get("color_fix", self.spec.color_fix))
+        ps = kwargs.get("process_size", self.spec.options.get("process_size", 512))
+        if isinstance(ps, bool) or not isinstance(ps, int) or ps < 8:
+            raise ValueError(f"process_size must be an integer >= 8, got {ps!r}")
+        mode = kwargs.get("resize_mode", "official")
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+        for key in ("latent_tile", "vae_tile"):
+            v = kwargs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0 or 0 < v < 4):
+                raise ValueError(f"{key} must be None, 0 (off) or an integer >= 4, got {v!r}")
+        ov = kwargs.get("latent_overlap")
+        if ov is not None and (isinstance(ov, bool) or not isinstance(ov, int) or ov < 0):
+            raise ValueError(f"latent_overlap must be an integer >= 0, got {ov!r}")
+        if not isinstance(kwargs.get("sample_posterior", False), bool):
+            raise ValueError("sample_posterior must be True or False")
+
+    def _latent_tiling(self, tile, tile_pad, latent_tile, latent_overlap) -> tuple[int, int]:
+        """The latent tile/overlap: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input
+        pixels) converted to latents, else the registry defaults (96 / 32)."""
+        opts = self.spec.options
+        if latent_tile is None:
+            if tile is not None:
+                latent_tile = 0 if tile == 0 else max(8, int(tile) * self.scale // 8)
+            else:
+                latent_tile = int(opts.get("latent_tile", 96))
+        if latent_overlap is None:
+            if tile_pad is not None:
+                latent_overlap = int(tile_pad) * self.scale // 8
+            else:
+                latent_overlap = int(opts.get("latent_overlap", 32))
+        return int(latent_tile), int(latent_overlap)
+
+    def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official") -> Preprocessed:
+        """The official pre-processing of ``x`` (``[1, 3, h, w]`` float ``[0, 1]``): see :func:`preprocess`."""
+        ps = process_size if process_size is not None else self.spec.options.get("process_size", 512)
+        return preprocess(x, scale=self.scale, process_size=ps, mode=resize_mode)
+
+    def encode(self, image01, *, sample_posterior: bool = False, generator=None, vae_tile=None, callback=None):
+        """``z_L``: the VAE posterior mode (or a sample) of the processed LQ, times ``scaling_factor``, float32."""
+        return vae_encode(self.vae, image01, sample=sample_posterior, generator=generator, vae_tile=vae_tile,
+                          device=self.device, dtype=self.vae_dtype, callback=callback)
+
+    def decode(self, z_h, *, vae_tile=None, callback=None):
+        """``clamp(decode(z_H / sf), -1, 1) * 0.5 + 0.5``: float32 CPU image in ``[0, 1]``."""
+        return vae_decode(self.vae, z_h, vae_tile=vae_tile, device=self.device, dtype=self.vae_dtype,
+                          callback=callback)
+
+    def _unet(self, z, embeds, *, batch: int = 1):
+        """One UNet call at ``self.timestep``; ``z`` float32 -> float32 prediction."""
+        import torch
+
+        t = torch.tensor([self.timestep], device=self.device, dtype=torch.long)
+        zz = z.to(device=self.device, dtype=self.dtype)
+        emb = embeds.to(device=self.device, dtype=self.dtype)
+        if batch > 1:
+            zz = torch.cat([zz] * batch)
+            emb = torch.cat([emb] * batch)
+        return self.unet(zz, t, encoder_hidden_states=emb, return_dict=False)[0].float()

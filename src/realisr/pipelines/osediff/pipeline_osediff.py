@@ -1,0 +1,205 @@
+"""OSEDiff (Wu et al., NeurIPS 2024): one-step SD-2.1 super-resolution at ``t = 999``.
+
+What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` sections 1.2, 3.1):
+
+* ``z_L = VAE_enc_LoRA(lq) * 0.18215`` (the VAE encoder carries a LoRA, the decoder does not);
+* ``eps = UNet_LoRA(z_L, t=999, prompt)`` (UNet LoRA plus a fine-tuned ``conv_in``);
+* ``z_H = DDPM step at t=999 with one inference step``, which is exactly
+  ``x0 = (z_L - sqrt(1 - abar_999) * eps) / sqrt(abar_999)``;
+* ``out = clamp(VAE.decode(z_H / 0.18215), -1, 1)``, colour fix, (meant to) resize back.
+
+The official prompt is ``f"{tags}, {user_prompt},"`` with tags from RAM+DAPE run on the upscaled LQ. Here the
+prompt is pluggable: ``prompt=`` is either the text itself or a callable ``image -> str`` receiving the
+processed LQ (``[1, 3, H, W]`` float in ``[0, 1]``, the image DAPE sees). :class:`TagPrompt` wraps a tagger
+(``image -> "tag1, tag2"``) into the official format; RAM/DAPE taggers plug in there.
+
+Deviations (see :mod:`realisr.pipelines.diffusion_common`): posterior mode instead of a sample (seeded
+sampling available), the output is always 4x the input (the official script drops its resize-back), and the
+LoRAs are merged by default (``merge_lora=False`` keeps them separate, the official script's default; both
+agree to float precision).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable, Optional, Union
+
+from ...errors import WeightsNotFoundError
+from ..base import SRPipeline
+from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_tile_plan, move_module,
+                               tiled_latent_predict)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OSEDiffPipeline", "TagPrompt", "official_prompt"]
+
+_ARGS = ("prompt", "color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
+         "sample_posterior")
+PromptSource = Union[str, Callable[..., str]]
+
+
+def official_prompt(tags: str, user_prompt: str = "") -> str:
+    """The official OSEDiff prompt string: ``f"{tags}, {user_prompt},"``."""
+    return f"{tags}, {user_prompt},"
+
+
+class TagPrompt:
+    """A prompt source from a tagger, formatted as the official script does.
+
+    Args:
+        tagger: ``callable(image) -> str`` of comma-separated tags; ``image`` is the processed LQ,
+            ``[1, 3, H, W]`` float32 in ``[0, 1]``.
+        user_prompt: text appended after the tags.
+    """
+
+    def __init__(self, tagger: Callable[..., str], user_prompt: str = ""):
+        self.tagger = tagger
+        self.user_prompt = user_prompt
+
+    def __call__(self, image) -> str:
+        return official_prompt(self.tagger(image), self.user_prompt)
+
+
+class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
+    """OSEDiff. Build with :meth:`from_spec` (``realisr.load_pipeline("osediff")``).
+
+    Call: ``pipe(image, prompt="", color_fix="adain", process_size=512, resize_mode="official",
+    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, ...)``.
+    """
+
+    flavor = "osediff"
+    timestep = 999
+
+    def __init__(self, spec, *, unet, vae, text_encoder, tokenizer, scheduler, device=None, dtype=None):
+        super().__init__(spec, device=device, dtype=dtype)
+        self._init_dtypes(dtype)
+        self.unet = move_module(unet, self.device, self.dtype)
+        self.vae = move_module(vae, self.device, self.vae_dtype)
+        self.text_encoder = move_module(text_encoder, self.device, self.dtype)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self._embeds: OrderedDict = OrderedDict()
+
+    @classmethod
+    def from_spec(cls, spec, device=None, dtype=None, sd=None, checkpoint=None, merge_lora: bool = True,
+                  **kwargs) -> "OSEDiffPipeline":
+        """Load SD-2.1-base and the official ``osediff.pkl``.
+
+        Args:
+            spec: the ``osediff`` registry entry.
+            device, dtype: see :func:`realisr.load_pipeline`.
+            sd: SD-2.1-base folder or hub id.
+            checkpoint: path to ``osediff.pkl`` / its ``.safetensors`` or an ``OfficialCheckpoint``.
+            merge_lora: merge the LoRAs into the weights (faster; the official ``--merge_and_unload_lora``).
+
+        Raises:
+            WeightsNotFoundError, CheckpointError.
+        """
+        from ...models.backbone import load_backbone
+        from ...weights.official import OfficialCheckpoint, find_checkpoint, load_official_checkpoint
+
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
+        if not isinstance(checkpoint, OfficialCheckpoint):
+            path = checkpoint or find_checkpoint(spec)
+            if path is None:
+                raise WeightsNotFoundError(
+                    f"{spec.weights.files[0]} not found: pass checkpoint=PATH (CLI: -m path/to/osediff.pkl) or put "
+                    f"it in the checkpoints folder (REALISR_WEIGHTS); get it from {spec.weights.url}")
+            checkpoint = load_official_checkpoint(path, expect="osediff")
+        bb = load_backbone(sd)
+        return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
+                                   tokenizer=bb.tokenizer, scheduler=bb.scheduler, checkpoint=checkpoint,
+                                   device=device, dtype=dtype, merge_lora=merge_lora)
+
+    @classmethod
+    def from_components(cls, spec, *, unet, vae, text_encoder, tokenizer, scheduler, checkpoint, device=None,
+                        dtype=None, merge_lora: bool = True) -> "OSEDiffPipeline":
+        """Build from plain fp32 SD components and a validated official checkpoint (modified in place)."""
+        from ...models import lora
+
+        name = checkpoint.name
+        lora.inject_osediff_adapters(unet, vae, rank_unet=checkpoint.rank("unet"), rank_vae=checkpoint.rank("vae"),
+                                     unet_modules=checkpoint.unet_modules(""),
+                                     vae_modules=checkpoint.raw["vae_lora_encoder_modules"])
+        lora.load_lora_state_dict(unet, checkpoint.state_dict_unet, what=name)
+        lora.load_lora_state_dict(vae, checkpoint.state_dict_vae, what=name)
+        if merge_lora:
+            lora.merge_and_unload_adapters(unet, lora.OSEDIFF_UNET_ADAPTERS)
+            lora.merge_and_unload_adapters(vae, [lora.OSEDIFF_VAE_ADAPTER])
+        for m in (unet, vae, text_encoder):
+            m.requires_grad_(False).eval()
+        return cls(spec, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                   device=device, dtype=dtype)
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def check_inputs(self, image, outscale, tile, tile_pad, **kwargs) -> None:
+        method = {k: kwargs.pop(k) for k in list(kwargs) if k in _ARGS}
+        super().check_inputs(image, outscale, tile, tile_pad, **kwargs)
+        self._check_common(method)
+        p = method.get("prompt", "")
+        if not (isinstance(p, str) or callable(p)):
+            raise ValueError(f"prompt must be a string or a callable image -> str, got {type(p).__name__}")
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def prompt_embeds(self, prompt: str):
+        """The CLIP embedding of ``prompt`` (cached for the last few prompts)."""
+        from ...models.backbone import encode_prompt
+
+        if prompt in self._embeds:
+            self._embeds.move_to_end(prompt)
+            return self._embeds[prompt]
+        emb = encode_prompt(self.tokenizer, self.text_encoder, prompt)
+        self._embeds[prompt] = emb
+        while len(self._embeds) > 8:
+            self._embeds.popitem(last=False)
+        return emb
+
+    def resolve_prompt(self, prompt: PromptSource, image01) -> str:
+        """The prompt text for one image: the string itself or ``prompt(image01)``."""
+        if callable(prompt):
+            text = prompt(image01)
+            if not isinstance(text, str):
+                raise ValueError(f"the prompt source returned {type(text).__name__}, not a string")
+            return text
+        return prompt
+
+    def predict(self, z_l, embeds, *, latent_tile: int = 96, latent_overlap: int = 32, callback=None):
+        """The (tiled) UNet prediction ``eps`` at t=999, float32."""
+        import torch
+
+        def fn(z):
+            return self._unet(z, embeds)
+
+        with torch.no_grad():
+            return tiled_latent_predict(fn, z_l, tile=latent_tile, overlap=latent_overlap, flavor=self.flavor,
+                                        callback=callback)
+
+    def step(self, z_l, eps):
+        """The DDPM step at t=999 with one inference step: ``x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)`` (fp32)."""
+        import torch
+
+        abar = self.scheduler.alphas_cumprod[self.timestep].to(device=z_l.device, dtype=torch.float32)
+        beta = 1 - abar
+        return (z_l.float() - beta ** 0.5 * eps.float()) / abar ** 0.5
+
+    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, prompt: PromptSource = "",
+                     color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
+                     latent_overlap=None, vae_tile=None, sample_posterior=False):
+        color_fix = color_fix or self.spec.color_fix
+        lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
+        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
+        text = self.resolve_prompt(prompt, pre.image)
+        emb = self.prompt_embeds(text)
+        z_l = self.encode(pre.image, sample_posterior=sample_posterior, generator=generator, vae_tile=vae_tile,
+                          callback=callback)
+        eps = self.predict(z_l, emb, latent_tile=lt, latent_overlap=lo, callback=callback)
+        z_h = self.step(z_l, eps)
+        y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
+        out = finish_output(y, pre, color_fix)
+        extras["info"] = {"prompt": text, "color_fix": color_fix, "processed_size": pre.size,
+                          "resize_flag": pre.resize_flag,
+                          "latent_tiles": latent_tile_plan(z_l.shape[-2], z_l.shape[-1], lt, lo)}
+        return out
+
