@@ -347,20 +347,14 @@ class BaseTrainer:
                     out[f"{prefix}.{name}"] = p.detach().float().cpu().contiguous()
         return out
 
-    def safetensors_checkpoint(self, official: dict) -> tuple[dict, dict]:
-        """The official checkpoint as safetensors: ``unet.*``/``vae.*`` tensors, lists and ranks in metadata."""
-        tensors, meta = {}, {"format": f"realisr-{self.method}-lora", "method": self.method, "lora_alpha": "8"}
-        for key, value in official.items():
-            if key.startswith("state_dict_"):
-                part = key[len("state_dict_"):]
-                tensors.update({f"{part}.{k}": v.detach().float().cpu().contiguous() for k, v in value.items()})
-            else:
-                meta[key] = json.dumps(value)
-        return tensors, meta
-
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process)."""
+        """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process).
+
+        ``<name>.pkl`` has the official layout (loads in the official code and :mod:`realisr.weights.official`);
+        ``<name>.safetensors`` is the same content in the format of ``realisr convert``.
+        """
         from realisr.weights.cache import atomic_save_file
+        from realisr.weights.official import save_pkl, save_safetensors
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -370,9 +364,8 @@ class BaseTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
             official = self.official_checkpoint()
-            torch.save(official, tmp / f"{self.checkpoint_name}.pkl")
-            tensors, meta = self.safetensors_checkpoint(official)
-            atomic_save_file(tensors, tmp / f"{self.checkpoint_name}.safetensors", metadata=meta)
+            save_pkl(official, tmp / f"{self.checkpoint_name}.pkl")
+            save_safetensors(official, tmp / f"{self.checkpoint_name}.safetensors")  # validates the layout too
             atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")

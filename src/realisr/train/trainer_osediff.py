@@ -153,18 +153,10 @@ class OSEDiffTrainer(BaseTrainer):
         return logs
 
     def official_checkpoint(self) -> dict:
-        from realisr.models import lora
+        from realisr.weights.official import osediff_checkpoint_dict
 
-        ckpt = {"vae_lora_encoder_modules": list(self.vae_modules)}
-        for group in lora.GROUPS:
-            ckpt[f"unet_lora_{group}_modules"] = list(self.unet_modules[group])
-        ckpt["rank_unet"] = self.cfg.osediff.lora_rank_unet
-        ckpt["rank_vae"] = self.cfg.osediff.lora_rank_vae
-        ckpt["state_dict_unet"] = {k: v.detach().float().cpu().clone()
-                                   for k, v in lora.lora_state_dict(self.unet, extra=("conv_in",)).items()}
-        ckpt["state_dict_vae"] = {k: v.detach().float().cpu().clone()
-                                  for k, v in lora.lora_state_dict(self.vae).items()}
-        return ckpt
+        return osediff_checkpoint_dict(self.unet, self.vae, self.unet_modules, self.vae_modules,
+                                       self.cfg.osediff.lora_rank_unet, self.cfg.osediff.lora_rank_vae)
 
     @torch.no_grad()
     def generate(self, lq: torch.Tensor, prompts: list[str]) -> torch.Tensor:

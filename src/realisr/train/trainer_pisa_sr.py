@@ -112,6 +112,10 @@ class PiSASRTrainer(BaseTrainer):
             lora.set_active_adapters(self.unet, lora.PISA_PIX_ADAPTERS)
             lora.set_trainable_adapters(self.unet, lora.PISA_PIX_ADAPTERS)
         else:
+            if self.cfg.loss.lpips > 0 and self.lpips is None:  # max_steps was raised after setup
+                from realisr.train.losses import load_lpips
+
+                self.lpips = load_lpips(self.cfg.loss.lpips_vgg_weights).to(self.device)
             lora.set_active_adapters(self.unet, lora.PISA_PIX_ADAPTERS + lora.PISA_SEM_ADAPTERS)
             lora.set_trainable_adapters(self.unet, lora.PISA_SEM_ADAPTERS)
             for p in self.pix_params:
@@ -157,17 +161,10 @@ class PiSASRTrainer(BaseTrainer):
         return logs
 
     def official_checkpoint(self) -> dict:
-        from realisr.models import lora
+        from realisr.weights.official import pisa_checkpoint_dict
 
-        unet = self.unet
-        ckpt = {}
-        for branch in ("pix", "sem"):
-            for group in lora.GROUPS:
-                ckpt[f"unet_lora_{group}_modules_{branch}"] = list(self.modules[group])
-        ckpt["lora_rank_unet_pix"] = self.cfg.pisa_sr.lora_rank_pix
-        ckpt["lora_rank_unet_sem"] = self.cfg.pisa_sr.lora_rank_sem
-        ckpt["state_dict_unet"] = {k: v.detach().float().cpu().clone() for k, v in lora.lora_state_dict(unet).items()}
-        return ckpt
+        return pisa_checkpoint_dict(self.unet, self.modules, self.cfg.pisa_sr.lora_rank_pix,
+                                    self.cfg.pisa_sr.lora_rank_sem)
 
     @torch.no_grad()
     def generate(self, lq: torch.Tensor, prompts: list[str]) -> torch.Tensor:
