@@ -116,6 +116,7 @@ def _cell(img, size: int, nearest: bool):
 def run(args) -> int:
     import torch
 
+    from realisr.errors import InputImageError
     from realisr.progress import TqdmProgress, report
     from realisr.train.degradations import Degrader, get_preset
 
@@ -130,7 +131,10 @@ def run(args) -> int:
     for i, src in enumerate(files):
         hq = _read_rgb(src)
         dst = out_dir / (src.stem + ".png")
-        lq, _ = deg(hq, generator=torch.Generator().manual_seed(args.seed + i), resize_back=args.resize_back)
+        try:
+            lq, _ = deg(hq, generator=torch.Generator().manual_seed(args.seed + i), resize_back=args.resize_back)
+        except ValueError as e:  # e.g. an image too small for the scale
+            raise InputImageError(f"{src}: {e}") from None
         _write_png(dst, _to_uint8(lq[0]), args.overwrite)
         logger.info("%s -> %s (%dx%d)", src, dst, lq.shape[-1], lq.shape[-2])
         if args.grid and len(rows) < args.grid_images:
