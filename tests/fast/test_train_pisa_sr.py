@@ -21,7 +21,7 @@ GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fix
 SD = GOLDEN / "sd"
 pytestmark = pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")
 
-STAGE1_STEPS = 30
+STAGE1_STEPS = 24
 STAGE2_STEPS = 2
 
 
