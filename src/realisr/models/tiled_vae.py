@@ -32,8 +32,11 @@ How it works:
 
 * With global statistics and global attention, the only approximation left is the conv receptive field
   beyond ``pad`` (zero padding at an inner tile border instead of real neighbours); its effect decays fast
-  with ``pad``. The defaults (``pad`` 32 px for the encoder, 16 latents for the decoder) keep tiled and
-  untiled within ~1e-5 on the tiny test VAE and within float noise of each other everywhere (no seam band).
+  with ``pad`` and vanishes once ``pad`` covers the field (~112 px for the SD encoder, ~17 latents for the
+  decoder). Measured on a random tiny SD-shaped VAE (4 levels, 2 layers per block; max abs difference to the
+  untiled result): encoder pad 32/64/96/112 px -> 0.23/0.005/4e-5/3e-6 (latent means up to 0.8); decoder pad
+  4/8/16 latents -> 2.7/0.33/2e-5 (outputs up to 3). Hence the defaults: encoder tile 1024 px with 96 px of
+  context, decoder tile 128 latents with 16 (cost of the context: ~1.3x-1.6x the untiled compute).
 * Streaming: the input and the stitched result stay on the CPU (the result as float32); between layers
   the tiles' activations are kept on ``store_device`` (CPU by default) in the compute dtype, and only the
   current tile (plus the attention K/V) is moved to ``device``. Peak host memory is about two full-size
@@ -148,6 +151,7 @@ class _Stats:
         self.n = 0
         self.mean = None
         self.m2 = None
+        self._cache: dict = {}
 
     def add(self, core) -> None:
         import torch
@@ -167,9 +171,13 @@ class _Stats:
         self.n = tot
 
     def affine(self, gn, device):
-        """Per-channel fp32 ``(scale, shift)`` that apply GroupNorm ``gn`` with these statistics."""
-        import torch
+        """Per-channel fp32 ``(scale, shift)`` that apply GroupNorm ``gn`` with these statistics (cached)."""
+        key = (id(gn), str(device))
+        if key not in self._cache:
+            self._cache[key] = self._affine(gn, device)
+        return self._cache[key]
 
+    def _affine(self, gn, device):
         n, c = self.mean.shape
         g = gn.num_groups
         m = self.mean.view(n, g, c // g)
