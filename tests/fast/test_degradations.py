@@ -312,6 +312,15 @@ def test_jpeg_handles_sizes_that_are_not_multiples_of_16():
     assert y.shape == x.shape and (y - x).abs().mean() < 0.05
 
 
+def test_differentiable_jpeg_passes_gradients():
+    x = _smooth_image(1, 32, 32).requires_grad_(True)
+    y = jpeg_compress(x, 30.0, differentiable=True)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # the hard-rounding version has the same forward pass up to the cubic correction
+    assert (y.detach() - jpeg_compress(x.detach(), 30.0)).abs().max() < 0.02
+
+
 # --------------------------------------------------------------------------------------------- noise
 
 
