@@ -484,3 +484,12 @@ def test_cli_degrade_writes_lq_and_grid(tmp_path):
     assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "pisa-sr"]) == 1
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
     assert main(["-q", "degrade", "-i", str(tmp_path / "tiny.png"), "-o", str(tmp_path / "t")]) == 1
+
+
+def test_cli_module_and_train_package_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, realisr.train, realisr.cli.degrade; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
