@@ -263,7 +263,7 @@ def niqe(img, border: int = 0, block_size: int = 96, params=None) -> float:
         The NIQE score.
 
     Raises:
-        ValueError: the image is smaller than one block.
+        ValueError: the image holds fewer than two blocks.
         WeightsNotFoundError: the pristine parameters are not available.
     """
     from scipy.ndimage import convolve
@@ -273,8 +273,9 @@ def niqe(img, border: int = 0, block_size: int = 96, params=None) -> float:
     if border > 0:
         y = y[border:-border, border:-border]
     nh, nw = y.shape[0] // block_size, y.shape[1] // block_size
-    if nh == 0 or nw == 0:
-        raise ValueError(f"NIQE needs at least {block_size}x{block_size} pixels, got {y.shape[1]}x{y.shape[0]}")
+    if nh * nw < 2:  # one block has no covariance: the score would be NaN
+        raise ValueError(f"NIQE needs at least two {block_size}x{block_size} blocks, got {y.shape[1]}x{y.shape[0]} "
+                         "pixels")
     y = y[: nh * block_size, : nw * block_size]
     feats = []
     for scale in (1, 2):
