@@ -10,6 +10,7 @@ from pathlib import Path
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (used for docs/metrics.md)")
     p.add_argument("--sr", type=Path, metavar="IMAGE", help="measure this image ...")
     p.add_argument("--ref", type=Path, metavar="IMAGE", help="... against this reference (full-reference metrics)")
     p.add_argument("--metrics", default=None, help="comma-separated ids for --sr (default: all available)")
@@ -28,6 +29,18 @@ def rows() -> list[dict]:
                     "license": spec.license, "convention": spec.convention,
                     "weights": [w.name for w in spec.weights], "available": st.available, "detail": st.detail})
     return out
+
+
+def markdown_table() -> str:
+    """The metric table of docs/metrics.md, generated from the registry."""
+    from realisr.metrics.registry import list_metrics
+
+    lines = ["| id | kind | better | colour space | backend | weight file (torch hub subfolder) | licence |",
+             "|---|---|---|---|---|---|---|"]
+    for s in list_metrics():
+        files = ", ".join(f"`{w.name}` (`{w.hub_subdir}/`)" for w in s.weights) or "none"
+        lines.append(f"| `{s.id}` | {s.kind} | {s.arrow} | {s.color_space} | {s.backend} | {files} | {s.license} |")
+    return "\n".join(lines)
 
 
 def _measure(args) -> int:
@@ -59,6 +72,9 @@ def _measure(args) -> int:
 def run(args) -> int:
     if args.sr:
         return _measure(args)
+    if args.markdown:
+        sys.stdout.write(markdown_table() + "\n")
+        return 0
     data = rows()
     if args.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
