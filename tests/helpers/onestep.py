@@ -1,0 +1,70 @@
+"""Shared helpers of the PiSA-SR / OSEDiff tests: the golden fixture folder and pipelines on its tiny SD model,
+built once per test session (loading is cheap, importing diffusers is not)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
+
+
+def manifest(root: Path = None) -> dict:
+    root = root or golden_dir()
+    return json.loads((root / "manifest.json").read_text())
+
+
+def sd_dir(root: Path = None) -> Path:
+    root = root or golden_dir()
+    try:
+        return root / manifest(root)["model"]["dir"]
+    except (OSError, KeyError, ValueError):
+        return root / "sd"
+
+
+@functools.lru_cache(maxsize=None)
+def pisa_pipeline(checkpoint: str = None, root: str = None):
+    """A PiSA-SR pipeline on the tiny fixture model (fp32, CPU)."""
+    from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
+    from realisr.registry import get_spec
+
+    root = Path(root) if root else golden_dir()
+    ckpt = checkpoint or str(root / "pisa_sr.pkl")
+    return PiSASRPipeline.from_spec(get_spec("pisa-sr"), device="cpu", dtype="fp32", sd=str(sd_dir(root)),
+                                    checkpoint=ckpt)
+
+
+@functools.lru_cache(maxsize=None)
+def osediff_pipeline(merge_lora: bool = True, checkpoint: str = None, root: str = None):
+    """An OSEDiff pipeline on the tiny fixture model (fp32, CPU)."""
+    from realisr.pipelines.osediff.pipeline_osediff import OSEDiffPipeline
+    from realisr.registry import get_spec
+
+    root = Path(root) if root else golden_dir()
+    ckpt = checkpoint or str(root / "osediff.pkl")
+    return OSEDiffPipeline.from_spec(get_spec("osediff"), device="cpu", dtype="fp32", sd=str(sd_dir(root)),
+                                     checkpoint=ckpt, merge_lora=merge_lora)
+
+
+def one_thread():
+    """Context for a module fixture: torch on one thread (the shared 2-core box thrashes with more)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+    return ctx()
