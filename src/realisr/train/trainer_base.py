@@ -347,6 +347,16 @@ class BaseTrainer:
                     out[f"{prefix}.{name}"] = p.detach().float().cpu().contiguous()
         return out
 
+    def weights_digest(self) -> str:
+        """SHA-256 over every trainable tensor of this process (bit-exact identity check across ranks)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.trainable_tensors().items()):
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process).
 
@@ -356,9 +366,15 @@ class BaseTrainer:
         from realisr.weights.cache import atomic_save_file
         from realisr.weights.official import save_pkl, save_safetensors
 
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        # every rank's weights must be identical under DDP: record a digest per rank to prove it
+        digests = gather_object([self.weights_digest()]) if acc.num_processes > 1 else [self.weights_digest()]
+        if len(set(digests)) > 1:
+            logger.warning("step %d: trainable weights differ between processes (%s)", self.step, digests)
         if acc.is_main_process:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -370,7 +386,8 @@ class BaseTrainer:
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
             with open(tmp / "training_state" / "state.json", "w", encoding="utf-8") as f:
-                json.dump({"step": self.step, "method": self.method, "seed": self.cfg.seed}, f)
+                json.dump({"step": self.step, "method": self.method, "seed": self.cfg.seed,
+                           "num_processes": acc.num_processes, "rank_weight_digests": digests}, f)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             self._prune_checkpoints()
