@@ -523,6 +523,22 @@ def test_unreadable_file(tmp_path, monkeypatch):
     assert "permission" in _one_line_naming(e, p)
 
 
+def test_formats_outside_the_list_are_refused(tmp_path):
+    p = tmp_path / "icon.png"  # a real ICO named .png: Pillow could open it, realisr does not
+    Image.new("RGB", (16, 16)).save(p, format="ICO")
+    with pytest.raises(InputImageError, match="not an image realisr can read"):
+        read_image(p)
+
+
+def test_multi_picture_jpeg_reads_the_first(tmp_path):
+    p = tmp_path / "camera.jpg"
+    Image.new("RGB", (8, 6), (255, 0, 0)).save(p, "MPO", save_all=True,
+                                                append_images=[Image.new("RGB", (8, 6), (0, 0, 255))])
+    data = read_image(p)
+    assert data.format == "MPO" and data.info["n_frames"] == 2
+    assert np.abs(to_u8(data.pixels).astype(int) - [255, 0, 0]).max() <= 3
+
+
 def test_folder_is_not_an_image(tmp_path):
     with pytest.raises(InputImageError, match="folder"):
         read_image(tmp_path)

@@ -87,6 +87,11 @@ IMAGE_EXTENSIONS = frozenset({
     ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".dib", ".gif",
 })
 
+# Pillow plugins read_image may use. A closed list: Pillow also opens EPS (through Ghostscript), PSD, ICO and
+# more, which an upscaler has no business running on untrusted files. (Pillow's JPEG plugin itself opens a
+# multi-picture camera JPEG as MPO.)
+_READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "DIB", "GIF")
+
 _OUTPUT_FORMATS = {
     "png": "PNG", "apng": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "webp": "WEBP",
     "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP", "dib": "BMP",
@@ -173,7 +178,7 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 Image.MAX_IMAGE_PIXELS = None
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 try:
-                    im = Image.open(fh)
+                    im = Image.open(fh, formats=_READ_FORMATS)
                 finally:
                     Image.MAX_IMAGE_PIXELS = saved
             with im:
@@ -262,8 +267,11 @@ def _decode(im, path: Optional[Path], *, exif_transpose: bool = True) -> ImageDa
     n_frames = int(getattr(im, "n_frames", 1) or 1)
     if n_frames > 1 or getattr(im, "is_animated", False):
         info["n_frames"] = n_frames
-        logger.warning("%s is animated (%d frames): only the first frame is processed",
-                       path or "the image", n_frames)
+        if src_format == "MPO":  # a camera JPEG with extra pictures (depth map, preview): the first is the photo
+            logger.info("%s holds %d pictures: processing the first", path or "the image", n_frames)
+        else:
+            logger.warning("%s is animated (%d frames): only the first frame is processed",
+                           path or "the image", n_frames)
     if "dpi" in im.info:
         info["dpi"] = im.info["dpi"]
 
