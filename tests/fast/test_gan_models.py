@@ -116,16 +116,21 @@ def _psnr(a, b):
     return 10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 
-def test_realsr_beats_bicubic_on_real_photos():
+@pytest.fixture(scope="module")
+def realsr_pipe():
+    import realisr
+
+    _need("realsr-df2k-x4")
+    return realisr.load_pipeline("realsr-df2k-x4", device="cpu")
+
+
+def test_realsr_beats_bicubic_on_real_photos(realsr_pipe):
     """The weights are real: on 5 real-photo crops (HQ 128x128 -> bicubic LQ 32x32), RealSR x4 restores them
     better than bicubic upscaling (mean PSNR). Random or mis-mapped weights give far lower PSNR."""
     import skimage.data
     from PIL import Image
 
-    import realisr
-
-    _need("realsr-df2k-x4")
-    pipe = realisr.load_pipeline("realsr-df2k-x4", device="cpu")
+    pipe = realsr_pipe
     hqs = [skimage.data.astronaut()[64:192, 160:288], skimage.data.coffee()[100:228, 200:328],
            skimage.data.chelsea()[60:188, 150:278], skimage.data.rocket()[150:278, 200:328],
            np.repeat(skimage.data.camera()[80:208, 200:328, None], 3, axis=2)]
@@ -142,13 +147,10 @@ def test_realsr_beats_bicubic_on_real_photos():
     assert np.mean(ours) > np.mean(bicubic) + 0.3, (ours, bicubic)
 
 
-def test_pipeline_runs_on_small_odd_image():
-    import realisr
-
-    _need("realsr-df2k-x4")
+def test_pipeline_runs_on_small_odd_image(realsr_pipe):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
-    out = realisr.load_pipeline("realsr-df2k-x4", device="cpu")(img)
+    out = realsr_pipe(img)
     assert out.image.pixels.shape == (36, 52, 3)
     assert out.info["model"] == "realsr-df2k-x4"
 
