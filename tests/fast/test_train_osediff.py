@@ -106,14 +106,21 @@ def test_fake_unet_trains_all_its_adapters(trained):
     assert logs.step == STEPS
 
 
-def test_official_fake_unet_quirk_flag(trained, tmp_path):
+def test_official_fake_unet_quirk_flag_and_init_checkpoint(trained, tmp_path):
     from realisr.models import lora
     from realisr.train.trainer_osediff import OSEDiffTrainer
 
     cfg = load_recipe(_recipe(tmp_path, trained["hq"], train={"max_steps": 1},
-                              osediff={"fake_unet_adapters": "others"}, validation={"every": 0}))
+                              osediff={"fake_unet_adapters": "others"}, validation={"every": 0},
+                              model={"init_checkpoint": str(GOLDEN / "osediff.pkl")}))
     trainer = OSEDiffTrainer(cfg)
     trainer.setup()
+    # (also: the generator starts from the official checkpoint)
+    fixture = torch.load(GOLDEN / "osediff.pkl", map_location="cpu", weights_only=True)
+    for part, module in (("state_dict_unet", trainer.unet), ("state_dict_vae", trainer.vae)):
+        own = dict(module.named_parameters())
+        for k, v in fixture[part].items():
+            assert torch.equal(own[k].detach(), v), k
     for _name, layer in lora.lora_layers(trainer.fake):
         assert list(layer.active_adapters) == ["default_others"]
     trainable = {n for n, p in trainer.fake.named_parameters() if p.requires_grad}

@@ -224,3 +224,21 @@ def test_missing_lpips_weights_stop_before_stage2(tmp_path, monkeypatch):
     # a stage-1-only run does not need them
     cfg1 = load_recipe(_recipe(tmp_path, hq, loss={"lpips": 2.0}, train={"max_steps": 1}, pisa_sr={"pix_steps": 1}))
     assert PiSASRTrainer(cfg1).needs_lpips() is False
+
+
+def test_init_from_the_official_checkpoint(tmp_path):
+    from realisr.errors import CheckpointError
+    from realisr.train.trainer_pisa_sr import PiSASRTrainer
+
+    hq = _photo_dir(tmp_path)
+    fixture = torch.load(GOLDEN / "pisa_sr.pkl", map_location="cpu", weights_only=True)["state_dict_unet"]
+    cfg = load_recipe(_recipe(tmp_path, hq, model={"init_checkpoint": str(GOLDEN / "pisa_sr.pkl")}))
+    trainer = PiSASRTrainer(cfg)
+    trainer.setup()
+    own = dict(trainer.unet.named_parameters())
+    for k, v in fixture.items():
+        assert torch.equal(own[k].detach(), v), k
+    bad = load_recipe(_recipe(tmp_path, hq, model={"init_checkpoint": str(GOLDEN / "pisa_sr.pkl")},
+                              pisa_sr={"lora_rank_sem": 8}))
+    with pytest.raises(CheckpointError, match="rank"):
+        PiSASRTrainer(bad).setup()

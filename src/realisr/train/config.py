@@ -61,11 +61,14 @@ class ModelConfig:
         pretrained: a local diffusers folder or a hub id found in the local HF cache (SD-2.1-base).
         latent_sample: sample the VAE posterior like the official code (``False``: use its mean).
         gradient_checkpointing: trade compute for memory in the UNet and VAE.
+        init_checkpoint: start from an official checkpoint of the method (``pisa_sr.pkl`` / ``osediff.pkl`` or
+            their ``.safetensors``), e.g. to fine-tune the released weights; its ranks must match the recipe.
     """
 
     pretrained: str = "stabilityai/stable-diffusion-2-1-base"
     latent_sample: bool = True
     gradient_checkpointing: bool = True
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass

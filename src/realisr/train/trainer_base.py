@@ -124,6 +124,7 @@ class BaseTrainer:
 
             find_lpips_vgg_weights(cfg.loss.lpips_vgg_weights)
         resolve_pretrained(cfg.model.pretrained)
+        init_ckpt = self.check_init_checkpoint(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None
 
         cpu = not torch.cuda.is_available()
         mp = cfg.train.mixed_precision
@@ -155,6 +156,10 @@ class BaseTrainer:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.vae_scale = float(comps["vae"].config.scaling_factor)
         self.build(comps["unet"], comps["vae"])
+        if init_ckpt is not None:
+            self.load_init_checkpoint(init_ckpt)
+        # from here on each rank draws its own augmentations (crops, flips, data-worker seeds)
+        set_seed(cfg.seed, device_specific=True)
         self._build_data()
         self.after_prepare()
         if cfg.train.resume:
@@ -227,6 +232,32 @@ class BaseTrainer:
 
     # ----------------------------------------------------------------------------------- subclass hooks
     def build(self, unet, vae) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_init_checkpoint(self, path: str):
+        """Read and check an official checkpoint of this method for ``model.init_checkpoint`` (before any
+        model is loaded).
+
+        Raises:
+            CheckpointError: another method, other LoRA ranks than the recipe, or a malformed file.
+            WeightsNotFoundError: no such file.
+        """
+        from realisr.errors import CheckpointError
+        from realisr.weights.official import load_official_checkpoint
+
+        ckpt = load_official_checkpoint(path, expect=self.method)
+        ranks, want, keys = self.init_ranks(ckpt)
+        if ranks != want:
+            raise CheckpointError(f"{ckpt.name} has LoRA ranks {ranks}, the recipe {want}: set {' / '.join(keys)} "
+                                  "to match")
+        return ckpt
+
+    def init_ranks(self, ckpt) -> tuple[tuple, tuple, tuple]:  # pragma: no cover - abstract
+        """(ranks in ``ckpt``, ranks of the recipe, recipe keys)."""
+        raise NotImplementedError
+
+    def load_init_checkpoint(self, ckpt) -> None:  # pragma: no cover - abstract
+        """Copy a checked official checkpoint into the freshly built networks."""
         raise NotImplementedError
 
     def after_prepare(self) -> None:

@@ -114,6 +114,18 @@ class OSEDiffTrainer(BaseTrainer):
         self.unet, self.vae, self.fake = unet, vae, fake
         self.neg_emb = None
 
+    def init_ranks(self, ckpt):
+        o = self.cfg.osediff
+        return ((ckpt.rank("unet"), ckpt.rank("vae")), (o.lora_rank_unet, o.lora_rank_vae),
+                ("osediff.lora_rank_unet", "osediff.lora_rank_vae"))
+
+    def load_init_checkpoint(self, ckpt) -> None:
+        from realisr.models import lora
+
+        lora.load_lora_state_dict(self.unet, ckpt.state_dict_unet, what=ckpt.name)
+        lora.load_lora_state_dict(self.vae, ckpt.state_dict_vae, what=ckpt.name)
+        logger.info("initialised the generator (UNet LoRA, conv_in, VAE-encoder LoRA) from %s", ckpt.path)
+
     def after_prepare(self) -> None:
         self.neg_emb = self.encode_prompts([self.cfg.osediff.negative_prompt])
 

@@ -99,6 +99,17 @@ class PiSASRTrainer(BaseTrainer):
         self.stage = 0
         self.neg_emb = None
 
+    def init_ranks(self, ckpt):
+        p = self.cfg.pisa_sr
+        return ((ckpt.rank("pix"), ckpt.rank("sem")), (p.lora_rank_pix, p.lora_rank_sem),
+                ("pisa_sr.lora_rank_pix", "pisa_sr.lora_rank_sem"))
+
+    def load_init_checkpoint(self, ckpt) -> None:
+        from realisr.models import lora
+
+        lora.load_lora_state_dict(self.unet, ckpt.state_dict_unet, what=ckpt.name)
+        logger.info("initialised both LoRAs from %s", ckpt.path)
+
     def after_prepare(self) -> None:
         self.neg_emb = self.encode_prompts([self.cfg.pisa_sr.negative_prompt])
         self._set_stage(1)
