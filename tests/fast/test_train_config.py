@@ -70,3 +70,10 @@ def test_cli_print_recipe(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["train"]["max_steps"] == 7 and out["loss"]["lpips"] == 0.0
     assert main(["train", "osediff", "--set", "train.max_steps=x"]) == 1  # one-line error, no traceback
+
+
+def test_string_keys_keep_the_raw_text():
+    cfg = load_recipe("pisa-sr", ["output_dir=2024-01-01", "model.pretrained=123", "data.captions=yes"])
+    assert cfg.output_dir == "2024-01-01" and cfg.model.pretrained == "123" and cfg.data.captions == "yes"
+    with pytest.raises(RecipeError, match="must be bool"):
+        load_recipe("pisa-sr", ["data.hflip=maybe"])

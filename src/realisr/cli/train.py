@@ -60,13 +60,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(json.dumps(recipe_to_dict(cfg), indent=1))
         return 0
-    callback = None
-    if not getattr(args, "quiet", False):
-        from realisr.progress import TqdmProgress
+    from realisr.progress import TqdmProgress
 
-        callback = _MainProcessOnly(TqdmProgress())
+    callback = _MainProcessOnly(TqdmProgress(disable=bool(getattr(args, "quiet", False))))
     summary = make_trainer(cfg, callback).train()
-    logger.warning("training finished at step %d; last checkpoint: %s", summary["step"], summary["checkpoint"])
+    if callback.enabled:
+        print(f"realisr train: {cfg.method} finished at step {summary['step']} "
+              f"({summary['steps_per_s']:.3g} steps/s); checkpoint: {summary['checkpoint']}")
     return 0
 
 

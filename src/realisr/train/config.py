@@ -257,8 +257,28 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A ``--set`` value: its YAML reading, and the raw text for string keys (``--set output_dir=2024-01-01``
+    must stay a string, not become a date)."""
+
+    raw: str
+    parsed: Any
+
+
+def _accepts_str(tp) -> bool:
+    return tp is str or tp is Any or (typing.get_origin(tp) is Union and str in typing.get_args(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats. Raises RecipeError."""
+    if isinstance(value, _Override):
+        try:
+            return _coerce(value.parsed, tp, key)
+        except RecipeError:
+            if _accepts_str(tp):
+                return value.raw
+            raise
     origin = typing.get_origin(tp)
     if origin is Union:
         args = typing.get_args(tp)
@@ -332,7 +352,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return key.split("."), _Override(raw, value)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
