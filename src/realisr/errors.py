@@ -16,6 +16,8 @@ __all__ = [
     "CheckpointError",
     "MissingExtraError",
     "UnknownModelError",
+    "UnsupportedFormatError",
+    "OutputWriteError",
 ]
 
 
@@ -33,6 +35,14 @@ class ImageTooLargeError(InputImageError):
 
 class OutputExistsError(RealisrError, FileExistsError):
     """The output file exists and overwriting was not requested."""
+
+
+class UnsupportedFormatError(RealisrError, ValueError):
+    """The requested output format (extension or ``fmt``) cannot be written."""
+
+
+class OutputWriteError(RealisrError, OSError):
+    """The output file could not be written (disk full, no permission, ...)."""
 
 
 class WeightsNotFoundError(RealisrError, FileNotFoundError):

@@ -46,7 +46,8 @@ def add_arguments(p) -> None:
     g.add_argument("--suffix", default="out", help="suffix of output names: NAME_SUFFIX.EXT (default: out)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     g.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse inputs with more pixels than this (decompression-bomb guard)")
+                   help="refuse inputs with more pixels than this (decompression-bomb guard; default 100 MP or "
+                        "$REALISR_MAX_PIXELS; 0 = no limit)")
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default="auto",
                    help="registry id (see `realisr models`) or checkpoint path; auto: pisa-sr when its weights "
@@ -131,13 +132,13 @@ def collect_inputs(specs: list[str], recursive: bool) -> list[tuple[Path, Path]]
 
 
 def output_path(src: Path, rel: Path, out: Path, suffix: str, ext: str, single_file: bool) -> Path:
-    from realisr.io import IMAGE_EXTENSIONS
+    from realisr.io import OUTPUT_EXTENSIONS
 
-    if single_file and out.suffix.lower() in IMAGE_EXTENSIONS:
+    if single_file and out.suffix.lower() in OUTPUT_EXTENSIONS:
         return out
     if ext == "auto":
         e = src.suffix.lower().lstrip(".")
-        ext = e if "." + e in IMAGE_EXTENSIONS and e not in ("gif",) else "png"
+        ext = e if "." + e in OUTPUT_EXTENSIONS else "png"
     name = f"{src.stem}_{suffix}" if suffix else src.stem
     return out / rel / f"{name}.{ext}"
 
@@ -249,7 +250,7 @@ def run(args) -> int:
             report(progress, "files", i + 1, len(inputs), src.name)
             continue
         try:
-            data = read_image(src, **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
+            data = read_image(src, **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
             out = pipe(data, outscale=args.outscale, tile=args.tile, tile_pad=args.tile_pad, callback=progress,
                        generator=generator, **call)
             if grid:

@@ -29,7 +29,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import ImageTooLargeError, InputImageError, OutputExistsError, RealisrError, require
+from ..errors import (ImageTooLargeError, InputImageError, OutputExistsError, OutputWriteError, RealisrError,
+                      UnsupportedFormatError, require)
 from .types import ImageData
 
 logger = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-class UnsupportedFormatError(RealisrError, ValueError):
-    """The requested output format (extension or ``fmt``) cannot be written."""
-
-
-class OutputWriteError(RealisrError, OSError):
-    """The output file could not be written (disk full, no permission, ...)."""
 
 
 # -- limits -------------------------------------------------------------------------------------------------
@@ -708,7 +701,7 @@ def _png_16bit_colour(arr: np.ndarray, icc: Optional[bytes], exif: Optional[byte
     Written by hand because no installed encoder does both: Pillow cannot hold 16-bit colour and OpenCV
     drops metadata. The chunks follow the PNG 1.2 / 1.5 (eXIf) specification.
     """
-    cv2 = require("cv2", "io16")
+    cv2 = require("cv2", "io")
     bgr = arr[..., [2, 1, 0, 3]] if arr.shape[2] == 4 else arr[..., ::-1]
     ok, enc = cv2.imencode(".png", np.ascontiguousarray(bgr))
     if not ok:
@@ -739,7 +732,7 @@ def _tiff_16bit_colour(arr: np.ndarray, icc: Optional[bytes]) -> bytes:
                          extrasamples=("unassalpha",) if arr.shape[2] == 4 else None, extratags=extratags,
                          metadata=None)
         return buf.getvalue()
-    cv2 = require("cv2", "io16")
+    cv2 = require("cv2", "io")
     if icc:
         logger.warning("the ICC profile is not kept in 16-bit colour TIFF without tifffile (pip install tifffile)")
     bgr = arr[..., [2, 1, 0, 3]] if arr.shape[2] == 4 else arr[..., ::-1]
