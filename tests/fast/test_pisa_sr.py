@@ -232,3 +232,22 @@ def test_check_inputs(pipe):
         pipe(img, prompt="a cat")
     with pytest.raises(ValueError):
         pipe.redial(object())
+
+
+def test_reduced_precision(pipe):
+    """dtype: fp32 on CPU by default; bf16 runs (UNet and VAE bf16) and stays close to fp32; fp16 pipelines
+    keep the VAE in fp32 so the decoder cannot overflow into NaN/black images."""
+    from realisr.pipelines.diffusion_common import vae_dtype_for
+    from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
+    from realisr.registry import get_spec
+
+    assert pipe.dtype == torch.float32 and pipe.vae_dtype == torch.float32
+    assert vae_dtype_for(torch.float16) == torch.float32 and vae_dtype_for(torch.bfloat16) == torch.bfloat16
+    bf = PiSASRPipeline.from_spec(get_spec("pisa-sr"), device="cpu", dtype="bf16", sd=str(onestep.sd_dir()),
+                                  checkpoint=str(onestep.golden_dir() / "pisa_sr.pkl"))
+    assert bf.dtype == torch.bfloat16 and next(bf.unet.parameters()).dtype == torch.bfloat16
+    img = _image(12, 12, seed=9)
+    a = pipe(img, process_size=PS, lambda_sem=0.5).pixels
+    b = bf(img, process_size=PS, lambda_sem=0.5).pixels
+    assert np.isfinite(b).all() and b.shape == a.shape
+    assert np.abs(a - b).mean() < 0.05

@@ -29,28 +29,34 @@ def sd_dir(root: Path = None) -> Path:
         return root / "sd"
 
 
-@functools.lru_cache(maxsize=None)
 def pisa_pipeline(checkpoint: str = None, root: str = None):
-    """A PiSA-SR pipeline on the tiny fixture model (fp32, CPU)."""
+    """A PiSA-SR pipeline on the tiny fixture model (fp32, CPU), shared per (checkpoint, fixture folder)."""
+    root = Path(root) if root else golden_dir()
+    return _pisa(str(Path(checkpoint or root / "pisa_sr.pkl").resolve()), str(sd_dir(root).resolve()))
+
+
+def osediff_pipeline(merge_lora: bool = True, checkpoint: str = None, root: str = None):
+    """An OSEDiff pipeline on the tiny fixture model (fp32, CPU), shared per (merged, checkpoint, folder)."""
+    root = Path(root) if root else golden_dir()
+    return _osediff(bool(merge_lora), str(Path(checkpoint or root / "osediff.pkl").resolve()),
+                    str(sd_dir(root).resolve()))
+
+
+@functools.lru_cache(maxsize=None)
+def _pisa(ckpt: str, sd: str):
     from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
     from realisr.registry import get_spec
 
-    root = Path(root) if root else golden_dir()
-    ckpt = checkpoint or str(root / "pisa_sr.pkl")
-    return PiSASRPipeline.from_spec(get_spec("pisa-sr"), device="cpu", dtype="fp32", sd=str(sd_dir(root)),
-                                    checkpoint=ckpt)
+    return PiSASRPipeline.from_spec(get_spec("pisa-sr"), device="cpu", dtype="fp32", sd=sd, checkpoint=ckpt)
 
 
 @functools.lru_cache(maxsize=None)
-def osediff_pipeline(merge_lora: bool = True, checkpoint: str = None, root: str = None):
-    """An OSEDiff pipeline on the tiny fixture model (fp32, CPU)."""
+def _osediff(merge_lora: bool, ckpt: str, sd: str):
     from realisr.pipelines.osediff.pipeline_osediff import OSEDiffPipeline
     from realisr.registry import get_spec
 
-    root = Path(root) if root else golden_dir()
-    ckpt = checkpoint or str(root / "osediff.pkl")
-    return OSEDiffPipeline.from_spec(get_spec("osediff"), device="cpu", dtype="fp32", sd=str(sd_dir(root)),
-                                     checkpoint=ckpt, merge_lora=merge_lora)
+    return OSEDiffPipeline.from_spec(get_spec("osediff"), device="cpu", dtype="fp32", sd=sd, checkpoint=ckpt,
+                                     merge_lora=merge_lora)
 
 
 def one_thread():
