@@ -58,6 +58,15 @@ def _kron(dtype):
     return _KRON[dtype]
 
 
+def _at(dtype):
+    import torch
+
+    key = ("at", dtype)
+    if key not in _KRON:
+        _KRON[key] = torch.tensor(_AT, dtype=dtype)
+    return _KRON[key]
+
+
 def transform_weight(w):
     """``[cout, cin, 3, 3]`` -> ``[36, cout, cin]`` (``G g G^T``, computed in float64)."""
     import torch
@@ -94,8 +103,12 @@ def input_transform(x, geo: _Geometry, out=None):
 
 def output_transform(mm, geo: _Geometry, cout: int):
     """``[36, cout, tiles]`` -> ``[n, cout, h, w]`` (``A^T m A`` of every tile, cropped to the map)."""
-    _, kout = _kron(mm.dtype)
-    t = (kout @ mm.reshape(T * T, cout * geo.tiles)).view(M, M, cout, geo.n, geo.th, geo.tw)
+    import torch
+
+    at = _at(mm.dtype)
+    # separable: A^T along a, then along b (240 instead of 576 multiply-adds per tile and channel)
+    t = torch.matmul(at, mm.reshape(T, T * cout * geo.tiles))
+    t = torch.matmul(at, t.view(M, T, cout * geo.tiles)).view(M, M, cout, geo.n, geo.th, geo.tw)
     y = t.permute(3, 2, 4, 0, 5, 1).reshape(geo.n, cout, geo.th * M, geo.tw * M)
     return y[:, :, :geo.h, :geo.w]
 
