@@ -53,7 +53,9 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
     from .registry import REGISTRY
 
     if model_id not in REGISTRY and path.suffix and path.exists():
-        if path.suffix.lower() == ".pkl":
+        from .weights.official import is_official_safetensors
+
+        if path.suffix.lower() == ".pkl" or is_official_safetensors(path):
             from .weights.official import pipeline_from_official_checkpoint
 
             return pipeline_from_official_checkpoint(path, device=device, dtype=dtype, **kwargs)

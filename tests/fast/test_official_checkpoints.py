@@ -292,6 +292,12 @@ def test_weights_status_auto_and_load_pipeline(tmp_path, monkeypatch):
     # an official .pkl path loads the right pipeline
     pipe = load_pipeline(str(GOLDEN / "osediff.pkl"), device="cpu", sd=str(onestep.sd_dir()))
     assert type(pipe).__name__ == "OSEDiffPipeline" and pipe.scale == 4
+    # and so does its converted safetensors
+    from realisr.weights.official import convert_checkpoint
+
+    _, st = convert_checkpoint(GOLDEN / "pisa_sr.pkl", tmp_path / "pisa_sr.safetensors")
+    pipe = load_pipeline(str(st), device="cpu", sd=str(onestep.sd_dir()))
+    assert type(pipe).__name__ == "PiSASRPipeline"
 
 
 def test_backbone_errors_name_missing_parts(tmp_path, monkeypatch):

@@ -180,6 +180,15 @@ def test_output_is_exactly_4x(pipe, hw):
     assert out.info["resize_flag"] and out.to_numpy().shape == (4 * h, 4 * w, 4)
 
 
+def test_thin_image_tiles(pipe):
+    """A latent side below the tile while h*w > tile^2: the official PiSA-SR code crashes (weights built for
+    the unclamped tile); here the square tile is clamped to the short side and blended with matching weights."""
+    img = _image(10, 72, seed=10)  # x4 = 40 x 288 px -> latent 5 x 36 > 8 x 8
+    out = pipe(img, process_size=PS, latent_tile=8, latent_overlap=2, lambda_sem=0.8)
+    assert out.info["latent_tiles"] == (5, 2)
+    assert out.pixels.shape == (40, 288, 3) and np.isfinite(out.pixels).all()
+
+
 def test_sample_posterior_is_seeded(pipe):
     img = _image(12, 12, seed=7)
 

@@ -29,6 +29,7 @@ __all__ = [
     "OSEDIFF_LIST_KEYS",
     "detect_method",
     "read_checkpoint_dict",
+    "is_official_safetensors",
     "load_official_checkpoint",
     "validate_checkpoint_dict",
     "save_safetensors",
@@ -105,6 +106,21 @@ def detect_method(d: dict) -> Optional[str]:
     if "vae_lora_encoder_modules" in d or "rank_unet" in d:
         return "osediff"
     return None
+
+
+def is_official_safetensors(path) -> bool:
+    """Whether ``path`` is a ``.safetensors`` written by ``realisr convert`` from an official checkpoint
+    (reads the header only)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == _SAFETENSORS_FORMAT
+    except Exception:  # noqa: BLE001 - not our file; let the caller's loader report it
+        return False
 
 
 def read_checkpoint_dict(path) -> dict:
