@@ -88,8 +88,6 @@ def worker(variant: str, model_id: str, size: int, threads: int, repeats: int) -
             assert ret == 0
             return np.clip(np.array(out).transpose(1, 2, 0), 0, 1)
     else:
-        import torch
-
         import realisr
 
         kwargs: dict = {"device": "cpu", "num_threads": threads}
@@ -107,8 +105,6 @@ def worker(variant: str, model_id: str, size: int, threads: int, repeats: int) -
 
         def run():
             return pipe(img, tile=0).image.pixels
-
-        del torch
     load_s = time.perf_counter() - t_load
     rss_loaded = _rss_mib()
     t0 = time.perf_counter()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Optional
 
 from ...registry import ModelSpec, WeightSource
 from ...tiling import auto_tile_size, run_with_oom_retry, tiled_forward
-from ..base import SRPipeline, resolve_dtype
+from ..base import SRPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +24,8 @@ class GANPipeline(SRPipeline):
     Args:
         spec: registry entry (for files passed with ``-m path``, a spec is made from the detected architecture).
         descriptor: a spandrel ``ImageModelDescriptor`` (loaded from ``spec`` when ``None``).
-        channels_last: run convolutions in channels-last memory format (default: on CUDA only; on CPU it
-            measured no faster than NCHW, see benchmarks/bench_gan.py).
+        channels_last: run the spandrel model in channels-last memory format (faster on CPU and tensor cores;
+            see benchmarks/bench_gan.py). Default: on.
         winograd: on CPU in fp32, run RRDBNet (ESRGAN/Real-ESRGAN/RealSR x4) with the Winograd forward of
             :mod:`.winograd` (same result to ~1e-6). Default: on where it applies.
         compile: wrap the model in ``torch.compile`` (inductor, frozen weights). Off by default: compiling
@@ -39,7 +38,7 @@ class GANPipeline(SRPipeline):
     default_tile_pad = 16
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
-                 channels_last: Optional[bool] = None, winograd: Optional[bool] = None, compile: bool = False,
+                 channels_last: bool = True, winograd: Optional[bool] = None, compile: bool = False,
                  num_threads: Optional[int] = None):
         super().__init__(spec, device=device, dtype=dtype)
         import torch
@@ -53,7 +52,7 @@ class GANPipeline(SRPipeline):
         self.num_threads = None if num_threads is None else int(num_threads)
         self.descriptor = descriptor
         self.model = descriptor.model.eval().requires_grad_(False).to(self.device, self.dtype)
-        self.channels_last = (self.device.type == "cuda") if channels_last is None else bool(channels_last)
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._fast = None

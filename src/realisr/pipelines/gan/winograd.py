@@ -151,8 +151,6 @@ def winograd_conv3x3(x, u, bias, slope: Optional[float] = None, max_tiles: int =
 
 def winograd_conv3x3_band(band, u, ctx_top: bool, ctx_bottom: bool):
     """Convolve a band that carries one row of real context on the sides flagged; crop it off again."""
-    import torch
-
     n, c, h, w = band.shape
     geo = _Geometry(n, h, w)
     y = output_transform(_gemm(u, input_transform(band, geo)), geo, u.shape[1])
