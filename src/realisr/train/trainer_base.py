@@ -120,9 +120,11 @@ class BaseTrainer:
         cfg = self.cfg
         # LPIPS first: a missing file must stop us before anything slow (and before the stage that needs it).
         if self.needs_lpips():
+            from realisr.errors import require
             from realisr.train.losses import find_lpips_vgg_weights
 
             find_lpips_vgg_weights(cfg.loss.lpips_vgg_weights)
+            require("lpips", "train")
         resolve_pretrained(cfg.model.pretrained)
         init_ckpt = self.check_init_checkpoint(cfg.model.init_checkpoint) if cfg.model.init_checkpoint else None
 
