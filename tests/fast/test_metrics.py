@@ -195,3 +195,10 @@ def test_missing_weights_are_reported_with_file_and_place(metric_id, tmp_path, m
     assert spec.weights[0].name in st.detail and str(tmp_path / "weights") in st.detail
     with pytest.raises(MetricUnavailableError, match=spec.weights[0].name):
         create_metric(metric_id)
+
+
+def test_docs_table_is_generated_from_the_registry():
+    from realisr.cli.metrics import markdown_table
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    assert markdown_table() in docs, "regenerate the table with `realisr metrics --markdown`"

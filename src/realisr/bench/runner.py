@@ -276,7 +276,8 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
             m = create_metric(mid, border=cfg.border, device=cfg.metric_device)
         except MetricUnavailableError as e:
             st = metric_status(spec)
-            entry.update(available=False, detail=str(e), missing=[list(x) for x in st.missing])
+            entry.update(available=False, detail=st.detail if st.missing else str(e),
+                         missing=[list(x) for x in st.missing])
             info[mid] = entry
             logger.warning("%s", e)
             continue

@@ -245,9 +245,12 @@ class FIDMetric(SetMetric):
 class PyiqaMetric(Metric):
     """A pyiqa metric (optional backend, PolyForm-Noncommercial): MUSIQ-KonIQ, MANIQA-PIPAL, CLIPIQA.
 
-    Weights come from the user's files: passed as ``pretrained_model_path`` (MUSIQ, MANIQA), or linked into
-    pyiqa's CLIP folder (CLIPIQA). MANIQA's timm ViT is built without its ImageNet download: the MANIQA
-    checkpoint holds all of its tensors.
+    Weights come from the user's files, never from the network: MUSIQ's is passed as
+    ``pretrained_model_path``; MANIQA's and CLIP's are linked into the cache folders pyiqa / openai-clip read
+    (pyiqa 0.1.16 expects a ``{"params": ...}`` wrapper for a MANIQA ``pretrained_model_path`` but loads the
+    official file plainly from its cache). pyiqa unpickles with ``weights_only=False``, so state-dict files are
+    first checked with ``weights_only=True``. MANIQA's timm ViT is built without its ImageNet download: the
+    MANIQA checkpoint holds all of its tensors.
     """
 
     def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
@@ -262,11 +265,14 @@ class PyiqaMetric(Metric):
         if name == "clipiqa":
             from .registry import torch_hub_dir
 
-            hub = torch_hub_dir() / spec.weights[0].hub_subdir / spec.weights[0].name
-            if not hub.exists():
-                hub.parent.mkdir(parents=True, exist_ok=True)
-                hub.symlink_to(path)
+            _link(path, torch_hub_dir() / "clip" / spec.weights[0].name)  # openai-clip checks its SHA-256
+        elif name.startswith("maniqa"):
+            _load_state_dict(path)
+            from pyiqa.utils import download_util
+
+            _link(path, Path(download_util.DEFAULT_CACHE_DIR) / spec.weights[0].name)
         else:
+            _load_state_dict(path)
             kwargs["pretrained_model_path"] = str(path)
         if name.startswith("maniqa"):
             import timm
@@ -287,3 +293,11 @@ class PyiqaMetric(Metric):
 
         with torch.inference_mode():
             return float(self.metric(to_tensor(sr, self.border, self.device)).reshape(-1)[0])
+
+
+def _link(src: Path, dest: Path) -> None:
+    """Make ``dest`` (a library's cache entry) point at the user's file ``src`` (no copy)."""
+    if dest.exists() or src.resolve() == dest.resolve():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.symlink_to(src.resolve())
