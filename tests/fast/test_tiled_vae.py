@@ -191,3 +191,27 @@ def test_bf16_runs_with_fp32_statistics(vae):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     # bf16 has ~3 significant digits; the decoder output is O(1)
     assert (out - ref).abs().mean() < 0.05
+
+
+def test_lora_wrapped_encoder(vae):
+    """OSEDiff's VAE-encoder LoRA (peft wrappers around every encoder conv, unmerged) tiles like the plain VAE."""
+    import copy
+
+    pytest.importorskip("peft")
+    from realisr.models import lora
+
+    wrapped = copy.deepcopy(vae)
+    lora.add_lora_adapter(wrapped, lora.OSEDIFF_VAE_ADAPTER, lora.vae_encoder_lora_target_modules(wrapped), 2)
+    lora.set_active_adapters(wrapped, [lora.OSEDIFF_VAE_ADAPTER])
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    assert len(list(lora.lora_layers(wrapped))) > 10
+    x = _image(64, 64, seed=8)
+    with torch.no_grad():
+        ref = wrapped.encode(x).latent_dist.mean
+        plain = vae.encode(x).latent_dist.mean
+    out = tiled_encode(wrapped, x, tile=32, pad=80).mean
+    assert (out - ref).abs().max() < TOL
+    assert (ref - plain).abs().max() > 100 * TOL  # the adapter is really applied

@@ -385,7 +385,7 @@ def _attention(run: _Runner, cur, attn, mode: str):
             o = attend(q, k, v)
         else:
             o = attend(q, split(attn.to_k(tok)), split(attn.to_v(tok)))
-        o = o.transpose(1, 2).reshape(n, -1, c).to(q.dtype)
+        o = o.transpose(1, 2).reshape(n, hh * ww, -1).to(q.dtype)  # inner dim may differ from c
         o = attn.to_out[1](attn.to_out[0](o))
         o = o.transpose(1, 2).reshape(n, c, hh, ww)
         if attn.residual_connection:
@@ -507,6 +507,7 @@ def tiled_encode(vae, x, *, tile: Optional[int] = ENCODER_TILE, pad: int = ENCOD
 
 def _down_size(n: int, ds) -> int:
     conv = getattr(ds, "conv", None)
+    conv = getattr(conv, "base_layer", conv)  # a peft LoRA wrapper (OSEDiff's encoder LoRA, unmerged)
     if conv is None or not getattr(ds, "use_conv", False):
         raise TypeError("tiled VAE: unsupported downsampler (expected Downsample2D with a conv)")
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
