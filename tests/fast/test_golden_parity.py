@@ -51,9 +51,10 @@ CASE_IDS = _case_ids()
 
 @pytest.fixture(scope="module")
 def manifest():
-    if not (ROOT / "manifest.json").is_file():
-        pytest.fail(f"golden fixtures not found at {ROOT} (set REALISR_GOLDEN_DIR)")
-    return json.loads((ROOT / "manifest.json").read_text())
+    try:
+        return json.loads((ROOT / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None  # the test itself fails (a failure, not a setup error or a skip)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,7 +110,7 @@ def test_golden_case(case_id, manifest):
     from realisr.pipelines.diffusion_common import latent_tile_plan, preprocess
     from realisr.tiling import tile_grid
 
-    if case_id == _MISSING:
+    if case_id == _MISSING or manifest is None:
         pytest.fail(f"no golden cases found at {ROOT} (missing or empty manifest.json; set REALISR_GOLDEN_DIR)")
     case = next(c for c in manifest["cases"] if c["id"] == case_id)
     inp = manifest["inputs"][case["input"]]

@@ -160,8 +160,15 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
             bb.vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=vae_dtype, **kw)
         if "text_encoder" in components:
             from transformers import CLIPTextModel
+            from transformers.utils import logging as hf_logging
 
-            bb.text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype)
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # the library never prints; progress goes through callbacks
+            try:
+                bb.text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
         if "tokenizer" in components:
             from transformers import CLIPTokenizer
 
@@ -176,6 +183,7 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
         raise WeightsNotFoundError(
             f"SD backbone {source} is not available locally and could not be downloaded "
             f"({type(e).__name__}): {_HOWTO}") from e
+    logger.info("SD backbone loaded from %s (%s)", where, ", ".join(components))
     for m in (bb.unet, bb.vae, bb.text_encoder):
         if m is not None:
             m.requires_grad_(False)

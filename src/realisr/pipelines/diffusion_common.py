@@ -313,7 +313,11 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
 
             dist = tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
         else:
+            from ..progress import report
+
+            report(callback, "vae_encode", 0, 1)
             dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+            report(callback, "vae_encode", 1, 1)
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)

@@ -120,6 +120,7 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         from ...models import lora
 
         name = checkpoint.name
+        logger.info("OSEDiff: official checkpoint %s", checkpoint.path)
         lora.inject_osediff_adapters(unet, vae, rank_unet=checkpoint.rank("unet"), rank_vae=checkpoint.rank("vae"),
                                      unet_modules=checkpoint.unet_modules(""),
                                      vae_modules=checkpoint.raw["vae_lora_encoder_modules"])

@@ -133,6 +133,7 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
         from ...models.backbone import encode_prompt
 
         name = checkpoint.name
+        logger.info("PiSA-SR: official checkpoint %s", checkpoint.path)
         lora.inject_pisa_adapters(unet, rank_pix=checkpoint.rank("pix"), modules=checkpoint.unet_modules("pix"),
                                   branches=("pix",))
         lora.load_lora_state_dict(unet, checkpoint.branch_state_dict("pix"), what=name)
