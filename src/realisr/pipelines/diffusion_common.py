@@ -145,7 +145,6 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
     Raises:
         ValueError: unknown mode or bad sizes.
     """
-    import torch
     import torch.nn.functional as F
     from PIL import Image
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 from ...errors import WeightsNotFoundError
 from ..base import SRPipeline
