@@ -2,7 +2,6 @@
 weights written under the real names (test only): the scores are meaningless, the wiring is what is tested
 (the backbone tensors really come from the file, nothing is downloaded)."""
 
-import os
 
 import numpy as np
 import pytest
