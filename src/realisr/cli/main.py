@@ -18,7 +18,7 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "upscale": ("realisr.cli.upscale", "restore and upscale images (files, folders, globs)"),
     "models": ("realisr.cli.models", "list registered models and whether their weights are available"),
-    "convert": ("realisr.cli.convert", "convert an official checkpoint (.pkl) or ncnn model to safetensors"),
+    "convert": ("realisr.cli.convert", "convert an official checkpoint (.pkl) or a bundled ncnn model to safetensors"),
     "bench": ("realisr.cli.bench", "benchmark methods on paired or unpaired folders (metrics + report)"),
     "bench-data": ("realisr.cli.bench_data", "build the offline real-photo benchmark"),
     "metrics": ("realisr.cli.metrics", "list metrics and whether their weights are available"),
@@ -34,13 +34,18 @@ def _available_commands() -> dict[str, tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     from realisr import __version__
 
-    parser = argparse.ArgumentParser(prog="realisr", description="Real-world image super-resolution.")
+    # -v/-q work before and after the sub-command (SUPPRESS: a sub-parser must not reset the main one's value).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output (-vv: debug)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars, errors only")
+    parser = argparse.ArgumentParser(prog="realisr", description="Real-world image super-resolution.",
+                                     parents=[common])
     parser.add_argument("--version", action="version", version=f"realisr {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in _available_commands().items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         importlib.import_module(module).add_arguments(p)
     return parser
 
@@ -53,6 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    args.quiet = getattr(args, "quiet", False)
+    args.verbose = getattr(args, "verbose", 0)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(COMMANDS[args.command][0])

@@ -278,8 +278,9 @@ def run(args) -> int:
         report(progress, "files", i + 1, len(inputs), src.name)
     progress.close()
     secs = time.perf_counter() - t0
-    print(f"realisr: {len(inputs)} image(s) with {pipe.spec.id}: {written} written, {skipped} skipped "
-          f"(output exists; --overwrite to redo), {len(failures)} failed, {secs:.1f} s -> {out_root}")
+    hint = " (outputs exist; --overwrite redoes them)" if skipped else ""
+    print(f"realisr: {len(inputs)} image(s) with {pipe.spec.id}: {written} written, {skipped} skipped{hint}, "
+          f"{len(failures)} failed, {secs:.1f} s -> {out_root}")
     for src, why in failures:
         print(f"  failed: {src}: {why}", file=sys.stderr)
     return 1 if failures else 0
