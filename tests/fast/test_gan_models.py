@@ -245,21 +245,25 @@ def test_winograd_conv_matches_conv2d():
 
 @pytest.mark.parametrize("model_id", ["realesrgan-x4plus-anime", "realesr-animevideov3-x4"])
 def test_pipeline_fast_paths_match_plain_model(model_id):
-    """The pipeline's default CPU path (Winograd RRDBNet where it applies) equals the plain spandrel model."""
+    """The fast CPU paths (Winograd RRDBNet, channels-last) equal the plain NCHW spandrel model."""
     import torch
 
     from realisr.pipelines.gan.pipeline_gan import GANPipeline
 
     spec = _need(model_id)
     img = np.random.default_rng(1).random((18, 23, 3)).astype(np.float32)
-    fast = GANPipeline(spec, device="cpu", num_threads=1)
-    plain = GANPipeline(spec, device="cpu", winograd=False, channels_last=True, descriptor=fast.descriptor)
-    assert (fast._fast is not None) == (spec.arch == "RRDBNet")
+    rrdb = spec.arch == "RRDBNet"
+    fast = GANPipeline(spec, device="cpu", num_threads=1, winograd=rrdb)
+    plain = GANPipeline(spec, device="cpu", channels_last=False)
+    assert (fast._fast is not None) == rrdb
     before = torch.get_num_threads()
     a, b = fast(img, tile=0), plain(img, tile=0)
     assert torch.get_num_threads() == before
-    assert a.info["winograd"] == (spec.arch == "RRDBNet")
+    assert a.info["winograd"] == rrdb
     assert np.abs(a.image.pixels - b.image.pixels).max() <= 1e-4
+    if not rrdb:
+        with pytest.raises(ValueError, match="winograd"):
+            GANPipeline(spec, device="cpu", winograd=True, descriptor=fast.descriptor)
     # tiled (2x2 tiles with context) agrees too
     c = fast(img, tile=12, tile_pad=8)
     assert np.abs(c.image.pixels - b.image.pixels).max() < 0.05
