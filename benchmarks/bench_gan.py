@@ -182,15 +182,15 @@ def main(argv=None) -> int:
                         print(f"{size:>4}->{size * 4:<5} {th:>3} {label:<14} failed: {err}")
                         continue
                     r = json.loads(p.stdout.strip().splitlines()[-1])
-                    base = res.get("ncnn")
                     if again:
                         r["variant"] = label
                     else:
                         res[v] = r
+                    base = res.get("ncnn")
                     ratio = f"{r['best_s'] / base['best_s']:.2f}" if base else "-"
                     line = (f"{size:>4}->{size * 4:<5} {th:>3} {label:<14} {r['best_s']:>8.2f} {ratio:>7} "
                             f"{r['peak_mib']:>9.0f} {r['infer_mib']:>9.0f}")
-                    if args.check and base and v != "ncnn":
+                    if args.check and base and v != "ncnn" and os.path.exists(env["BENCH_OUT"]):
                         d = np.abs(np.load(env["BENCH_OUT"]) - np.load(os.path.join(tmp, "ncnn.npy"))).max()
                         line += f" {d:>14.2e}"
                     print(line, flush=True)
