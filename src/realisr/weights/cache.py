@@ -78,6 +78,9 @@ def atomic_save_file(tensors: dict, path, metadata: Optional[dict] = None) -> Pa
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cache file is as readable as any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
