@@ -35,6 +35,7 @@ __all__ = [
     "tiled_forward",
     "pad_to_multiple",
     "auto_tile_size",
+    "balanced_tile",
     "available_memory_bytes",
     "is_oom_error",
     "run_with_oom_retry",
@@ -270,6 +271,23 @@ def auto_tile_size(device, bytes_per_input_pixel: float, *, fraction: float = 0.
     side = int(math.sqrt(max(budget, 1) / max(bytes_per_input_pixel, 1e-9)))
     side = max(minimum, min(maximum, side))
     return max(multiple, side - side % multiple)
+
+
+def balanced_tile(height: int, width: int, max_tile: int, overlap: int, multiple: int = 8) -> int:
+    """The smallest tile (a multiple of ``multiple``, at most ``max_tile``) that covers the image with as few
+    tiles as ``max_tile`` would, so no work is wasted on a thin last tile; ``0`` when one tile covers the image.
+
+    Example: a 512-px side with ``max_tile=440`` needs 2 tiles per side either way; balanced tiles of 272
+    (with 32 px of overlap) cost 4 x 272^2 pixels instead of 4 x 440^2.
+    """
+    longest = max(height, width)
+    if max_tile >= longest:
+        return 0
+    overlap = min(overlap, max_tile // 2)
+    n = math.ceil((longest - overlap) / (max_tile - overlap))
+    tile = math.ceil((longest - overlap) / n) + overlap
+    tile += (-tile) % multiple
+    return min(tile, max_tile)
 
 
 def is_oom_error(err: BaseException) -> bool:

@@ -131,3 +131,22 @@ def test_non_oom_errors_propagate():
 
     with pytest.raises(RuntimeError, match="shape"):
         run_with_oom_retry(run, 64)
+
+
+@pytest.mark.parametrize("h,w,max_tile,overlap", [(512, 512, 440, 16), (1000, 300, 256, 16), (2048, 2048, 512, 32),
+                                                  (100, 90, 64, 8)])
+def test_balanced_tile_needs_no_more_tiles_and_wastes_less(h, w, max_tile, overlap):
+    from realisr.tiling import balanced_tile
+
+    t = balanced_tile(h, w, max_tile, overlap)
+    assert 0 < t <= max_tile and t % 8 == 0
+    n_bal = len(tile_grid(h, w, t, overlap))
+    n_max = len(tile_grid(h, w, max_tile, overlap))
+    assert n_bal == n_max
+    assert n_bal * t * t <= n_max * max_tile * max_tile
+
+
+def test_balanced_tile_zero_when_image_fits():
+    from realisr.tiling import balanced_tile
+
+    assert balanced_tile(300, 200, 512, 16) == 0
