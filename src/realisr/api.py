@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
-
 from .errors import UnknownModelError
 from .registry import get_spec, list_models
 

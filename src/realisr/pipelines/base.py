@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import numpy as np
 
@@ -28,7 +28,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SRPipeline", "SROutput", "to_image_data", "resolve_device", "resolve_dtype", "resize_float"]
 
-ImageInput = Union["PIL.Image.Image", np.ndarray, "torch.Tensor", ImageData]  # noqa: F821
+if TYPE_CHECKING:  # pragma: no cover
+    import PIL.Image
+    import torch
+
+ImageInput = Union["PIL.Image.Image", np.ndarray, "torch.Tensor", ImageData]
 
 
 @dataclass
@@ -195,8 +199,6 @@ class SRPipeline:
     spec: ModelSpec
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None):
-        import torch  # noqa: F401  (pipelines need torch; import it only here)
-
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, spec.dtypes)

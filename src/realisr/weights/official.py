@@ -361,6 +361,26 @@ def find_checkpoint(spec) -> Optional[Path]:
     return None
 
 
+def resolve_checkpoint(checkpoint, spec, expect: str) -> "OfficialCheckpoint":
+    """A validated checkpoint from ``checkpoint`` (an :class:`OfficialCheckpoint`, a path, or ``None``: look in
+    the checkpoints folder).
+
+    Raises:
+        WeightsNotFoundError: nothing given and nothing found (the message says where to put the file).
+        CheckpointError: the file is malformed or of another method.
+    """
+    from ..errors import WeightsNotFoundError
+
+    if isinstance(checkpoint, OfficialCheckpoint):
+        return checkpoint
+    path = checkpoint or find_checkpoint(spec)
+    if path is None:
+        raise WeightsNotFoundError(
+            f"{spec.weights.files[0]} not found: pass checkpoint=PATH (CLI: -m path/to/{spec.weights.files[0]}) or "
+            f"put it in the checkpoints folder (REALISR_WEIGHTS); get it from {spec.weights.url}")
+    return load_official_checkpoint(path, expect=expect)
+
+
 def weights_status(spec) -> tuple[bool, str]:
     """``(available, detail)`` for ``pisa-sr`` / ``osediff``: the official checkpoint and the SD backbone.
 

@@ -25,7 +25,6 @@ import logging
 from collections import OrderedDict
 from typing import Callable, Union
 
-from ...errors import WeightsNotFoundError
 from ..base import SRPipeline
 from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_tile_plan, move_module,
                                tiled_latent_predict)
@@ -97,17 +96,11 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
             WeightsNotFoundError, CheckpointError.
         """
         from ...models.backbone import load_backbone
-        from ...weights.official import OfficialCheckpoint, find_checkpoint, load_official_checkpoint
+        from ...weights.official import resolve_checkpoint
 
         if kwargs:
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
-        if not isinstance(checkpoint, OfficialCheckpoint):
-            path = checkpoint or find_checkpoint(spec)
-            if path is None:
-                raise WeightsNotFoundError(
-                    f"{spec.weights.files[0]} not found: pass checkpoint=PATH (CLI: -m path/to/osediff.pkl) or put "
-                    f"it in the checkpoints folder (REALISR_WEIGHTS); get it from {spec.weights.url}")
-            checkpoint = load_official_checkpoint(path, expect="osediff")
+        checkpoint = resolve_checkpoint(checkpoint, spec, expect="osediff")
         bb = load_backbone(sd)
         return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, scheduler=bb.scheduler, checkpoint=checkpoint,

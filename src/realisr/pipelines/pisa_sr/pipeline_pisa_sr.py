@@ -30,7 +30,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ...errors import WeightsNotFoundError
 from ..base import SRPipeline, SROutput, to_image_data
 from ..diffusion_common import (OneStepDiffusionPipeline, Preprocessed, dial_to_latent, finish_output,
                                 latent_tile_plan, move_module, tiled_latent_predict)
@@ -107,17 +106,11 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
             WeightsNotFoundError: checkpoint or backbone missing. CheckpointError: malformed checkpoint.
         """
         from ...models.backbone import load_backbone
-        from ...weights.official import OfficialCheckpoint, find_checkpoint, load_official_checkpoint
+        from ...weights.official import resolve_checkpoint
 
         if kwargs:
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
-        if not isinstance(checkpoint, OfficialCheckpoint):
-            path = checkpoint or find_checkpoint(spec)
-            if path is None:
-                raise WeightsNotFoundError(
-                    f"{spec.weights.files[0]} not found: pass checkpoint=PATH (CLI: -m path/to/pisa_sr.pkl) or put "
-                    f"it in the checkpoints folder (REALISR_WEIGHTS); get it from {spec.weights.url}")
-            checkpoint = load_official_checkpoint(path, expect="pisa-sr")
+        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr")
         bb = load_backbone(sd, components=("unet", "vae", "text_encoder", "tokenizer"))
         return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, checkpoint=checkpoint, device=device, dtype=dtype)
