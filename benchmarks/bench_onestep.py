@@ -25,7 +25,7 @@ RSS before the row, so weights already loaded are not counted.
 Usage::
 
     python benchmarks/bench_onestep.py                       # CPU, fp32, 512x512 (minutes per row on 2 cores)
-    python benchmarks/bench_onestep.py --quick               # CPU smoke run: 256x256 output, 1 run, no warm-up
+    python benchmarks/bench_onestep.py --quick               # CPU smoke run: 256x256 output, 1 warm-up + 1 run
     python benchmarks/bench_onestep.py --device cuda --dtype all --channels-last --compile
 """
 
@@ -392,8 +392,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 | all (default: fp32 on CPU, all on CUDA)")
     p.add_argument("--size", type=int, default=512, help="output side in pixels (multiple of 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3; --quick 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 1; --quick 0)")
-    p.add_argument("--quick", action="store_true", help="256x256 output, 1 run, no warm-up (CPU smoke test)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 1)")
+    p.add_argument("--quick", action="store_true", help="256x256 output, 1 timed run (CPU smoke test)")
     p.add_argument("--channels-last", action="store_true", help="channels_last UNet/decoder for pisa default")
     p.add_argument("--compile", action="store_true", help="torch.compile UNet/decoder for pisa default")
     p.add_argument("--rows", default="reference,pisa,osediff", help="comma list of reference,pisa,osediff")
@@ -402,7 +402,7 @@ def main(argv=None):
     if args.quick:
         args.size = 256 if args.size == 512 else args.size
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+    args.warmup = args.warmup if args.warmup is not None else 1  # cold first calls skew the first row
     if args.size % 32:
         p.error("--size must be a multiple of 32")
 
