@@ -82,7 +82,6 @@ def _standin_inception(path):
     torch.save(net.state_dict(), path)
 
 
-@pytest.mark.slow
 def test_fid_folder_vs_folder_from_the_inception_file(weights_dir):
     pytest.importorskip("torch_fidelity")
     _standin_inception(weights_dir / "weights-inception-2015-12-05-6726825d.pth")
@@ -98,20 +97,87 @@ def test_fid_folder_vs_folder_from_the_inception_file(weights_dir):
 PYIQA_FILES = {"musiq": "musiq_koniq_ckpt-e95806b9.pth", "maniqa": "MANIQA_PIPAL-ae6d356b.pth"}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("metric_id", sorted(PYIQA_FILES))
 def test_pyiqa_metrics_from_standin_checkpoints(metric_id, weights_dir):
     pyiqa = pytest.importorskip("pyiqa")
+    import timm
+
     from realisr.metrics import METRICS
     from realisr.metrics.impl import _patched
 
     name = METRICS[metric_id].options["pyiqa_name"]
-    import timm
-
     create = timm.create_model
     with _patched(timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False})):
         net = pyiqa.create_metric(name, device="cpu", pretrained=False).net
-    torch.save(net.state_dict(), weights_dir / PYIQA_FILES[metric_id])
+    torch.manual_seed(4)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save(state, weights_dir / PYIQA_FILES[metric_id])
     m = create_metric(metric_id, device="cpu")
+    # every tensor of the network comes from the file
+    loaded = m.metric.net.state_dict()
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    if metric_id == "maniqa":
+        m.metric.net.test_sample = 1  # one 224 crop of ViT-B/8 instead of 20 keeps the test quick on a CPU
     x, _ = _images()
     assert np.isfinite(m(np.ascontiguousarray(np.tile(x, (5, 5, 1)))))
+
+
+@pytest.fixture(scope="module")
+def standin_rn50(tmp_path_factory):
+    """A random-weight CLIP RN50 saved as a TorchScript archive, as the official RN50.pt is (fp16 weights)."""
+    pytest.importorskip("pyiqa")
+    from clip.model import CLIP
+
+    torch.manual_seed(5)
+    model = CLIP(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
+                 transformer_heads=8, transformer_layers=12).eval()
+    traced = torch.jit.trace_module(model, {"encode_image": (torch.rand(1, 3, 224, 224),),
+                                            "encode_text": (torch.zeros(1, 77, dtype=torch.long),)})
+    path = tmp_path_factory.mktemp("clip") / "RN50.pt"
+    traced.half().save(str(path))
+    return path, model
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_clipiqa_refuses_a_torchscript_file_that_is_not_the_official_one(weights_dir, standin_rn50):
+    import shutil
+
+    shutil.copy(standin_rn50[0], weights_dir / "RN50.pt")
+    from realisr.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not the official RN50.pt.*SHA-256"):
+        create_metric("clipiqa", device="cpu")
+
+
+def test_clipiqa_from_the_official_file(weights_dir, standin_rn50, monkeypatch):
+    """The stand-in cannot carry the official SHA-256, so the test declares its hash as the official one."""
+    import dataclasses
+    import shutil
+
+    from realisr.metrics import METRICS
+
+    path, model = standin_rn50
+    shutil.copy(path, weights_dir / "RN50.pt")
+    spec = METRICS["clipiqa"]
+    monkeypatch.setitem(METRICS, "clipiqa", dataclasses.replace(
+        spec, weights=(dataclasses.replace(spec.weights[0], sha256=_sha256(path)),)))
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise AssertionError("CLIPIQA tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    m = create_metric("clipiqa", device="cpu")
+    clip = m.metric.net.clip_model[0]
+    ref = model.half().float().state_dict()
+    assert all(torch.equal(clip.state_dict()[k], ref[k]) for k in ref)  # the CLIP weights are the file's
+    x, y = _images()
+    a, b = m(np.tile(x, (4, 4, 1))), m(np.tile(y, (4, 4, 1)))
+    assert 0.0 <= a <= 1.0 and 0.0 <= b <= 1.0 and a != b  # a softmax over the good/bad prompt pair

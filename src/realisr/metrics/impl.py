@@ -246,11 +246,13 @@ class PyiqaMetric(Metric):
     """A pyiqa metric (optional backend, PolyForm-Noncommercial): MUSIQ-KonIQ, MANIQA-PIPAL, CLIPIQA.
 
     Weights come from the user's files, never from the network: MUSIQ's is passed as
-    ``pretrained_model_path``; MANIQA's and CLIP's are linked into the cache folders pyiqa / openai-clip read
-    (pyiqa 0.1.16 expects a ``{"params": ...}`` wrapper for a MANIQA ``pretrained_model_path`` but loads the
-    official file plainly from its cache). pyiqa unpickles with ``weights_only=False``, so state-dict files are
-    first checked with ``weights_only=True``. MANIQA's timm ViT is built without its ImageNet download: the
-    MANIQA checkpoint holds all of its tensors.
+    ``pretrained_model_path``; MANIQA's is linked into the cache folder pyiqa reads (pyiqa 0.1.16 expects a
+    ``{"params": ...}`` wrapper for a MANIQA ``pretrained_model_path`` but loads the official file plainly from
+    its cache). pyiqa unpickles with ``weights_only=False``, so state-dict files are first checked with
+    ``weights_only=True``. MANIQA's timm ViT is built without its ImageNet download: the MANIQA checkpoint holds
+    all of its tensors. CLIP's ``RN50.pt`` is a TorchScript archive, which cannot be loaded safely: it is accepted
+    only when its SHA-256 is the official one, and pyiqa's CLIP loader is handed its path (so it neither looks in
+    its own cache nor downloads).
     """
 
     def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
@@ -261,22 +263,21 @@ class PyiqaMetric(Metric):
         name = spec.options["pyiqa_name"]
         self.device = _device(device)
         path = _weight_path(spec)
-        kwargs = {}
         if name == "clipiqa":
-            from .registry import torch_hub_dir
+            _check_sha256(path, spec.weights[0])
+            from pyiqa.archs import clip_model, clipiqa_arch
 
-            _link(path, torch_hub_dir() / "clip" / spec.weights[0].name)  # openai-clip checks its SHA-256
+            def load_local(backbone, device="cpu", *args, **kwargs):
+                return clip_model.load(str(path), device, *args, **kwargs)
+
+            with _patched(clipiqa_arch, "load", load_local):
+                self.metric = pyiqa.create_metric(name, device=self.device)
         elif name.startswith("maniqa"):
             _load_state_dict(path)
+            import timm
             from pyiqa.utils import download_util
 
             _link(path, Path(download_util.DEFAULT_CACHE_DIR) / spec.weights[0].name)
-        else:
-            _load_state_dict(path)
-            kwargs["pretrained_model_path"] = str(path)
-        if name.startswith("maniqa"):
-            import timm
-
             create = timm.create_model
 
             def create_no_download(*args, **kw):
@@ -284,15 +285,30 @@ class PyiqaMetric(Metric):
                 return create(*args, **kw)
 
             with _patched(timm, "create_model", create_no_download):
-                self.metric = pyiqa.create_metric(name, device=self.device, **kwargs)
+                self.metric = pyiqa.create_metric(name, device=self.device)
         else:
-            self.metric = pyiqa.create_metric(name, device=self.device, **kwargs)
+            _load_state_dict(path)
+            self.metric = pyiqa.create_metric(name, device=self.device, pretrained_model_path=str(path))
 
     def _compute(self, sr, ref) -> float:
         import torch
 
         with torch.inference_mode():
             return float(self.metric(to_tensor(sr, self.border, self.device)).reshape(-1)[0])
+
+
+def _check_sha256(path: Path, wf) -> None:
+    """Refuse a file that is not byte for byte the official one (for formats that cannot be loaded safely)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != wf.sha256:
+        raise CheckpointError(f"{path} is not the official {wf.name} (SHA-256 {h.hexdigest()[:12]}..., expected "
+                              f"{wf.sha256[:12]}...): it is a TorchScript archive, which realisr loads only when it "
+                              f"is the exact official file; replace it with the file from {wf.url}")
 
 
 def _link(src: Path, dest: Path) -> None:

@@ -41,12 +41,15 @@ class WeightFile:
             in :func:`realisr.weights.cache.checkpoints_dir`.
         url: where to get it (documentation only; realisr never downloads it).
         what: one line: what the file is.
+        sha256: the official file's SHA-256, for files that are not plain state dicts (a TorchScript archive
+            such as CLIP's ``RN50.pt`` runs code when loaded, so only the exact official file is accepted).
     """
 
     name: str
     hub_subdir: str
     url: str
     what: str = ""
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ def create_metric(metric_id: str, *, border: Optional[int] = None, device=None):
 # The table. Conventions: docs/metrics.md and ../shared/docs/reference/metrics-offline.md.
 _TV = "https://download.pytorch.org/models"
 _PYIQA = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
+_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
 _Y = "Y (BT.601 ycbcr, 16 + 65.481R + 128.553G + 24.966B on 0-255)"
 
 register_metric(MetricSpec(
@@ -332,9 +336,9 @@ register_metric(MetricSpec(
     id="clipiqa", label="CLIPIQA", kind="no-reference", higher_is_better=True, color_space="RGB",
     data_range="RGB [0,1]", factory="realisr.metrics.impl:PyiqaMetric", backend="pyiqa",
     packages=("torch", "pyiqa", "clip"), extra="pyiqa", options={"pyiqa_name": "clipiqa"},
-    weights=(WeightFile("RN50.pt", "clip",
-                        "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e"
-                        "3b6c78a7b63bc04b6762/RN50.pt", "OpenAI CLIP RN50 (checked by SHA-256 by openai-clip)"),),
+    weights=(WeightFile("RN50.pt", "clip", f"https://openaipublic.azureedge.net/clip/models/{_RN50_SHA256}/RN50.pt",
+                        "OpenAI CLIP RN50, a TorchScript archive (only the official file, by SHA-256)",
+                        sha256=_RN50_SHA256),),
     license="pyiqa PolyForm-Noncommercial-1.0.0; CLIP MIT",
     convention="CLIP-IQA (pyiqa 'clipiqa', RN50), as OSEDiff/PiSA-SR"))
 
