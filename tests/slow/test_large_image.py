@@ -90,3 +90,67 @@ def test_decode_memory_predicted_from_quarter_scale():
     print(f"predicted peak RSS of the 2048x2048 decode: {predicted:.1f} GB")
     assert res["peak_rss_gb"] - res["rss_before_decode_gb"] > 0.1  # the decode did allocate
     assert predicted < LIMIT_GB
+
+
+_PIPELINE_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from realisr.models import lora
+    from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
+    from realisr.registry import get_spec
+
+    sys.path.insert(0, sys.argv[2])
+    from bench_onestep import UNET_CONFIG, VAE_CONFIG
+
+    side = int(sys.argv[1])
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval().requires_grad_(False)
+    vae = AutoencoderKL(**VAE_CONFIG).eval().requires_grad_(False)
+    lora.inject_pisa_adapters(unet)  # the official pixel + semantic adapters, rank 4
+    pipe = PiSASRPipeline(get_spec("pisa-sr"), unet=unet, vae=vae, prompt_embeds=torch.randn(1, 77, 1024),
+                          device="cpu", dtype="float32")
+    pipe.fuse_lora()
+    rng = np.random.default_rng(0)
+    small = rng.random((side // 16, side // 16, 3)).astype(np.float32)
+    lq = torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None], size=(side, side),
+                                         mode="bicubic").clamp(0, 1)
+    lq = (lq[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    stages = {}
+    t0 = time.perf_counter()
+
+    def tick(e):
+        stages[e.stage] = [e.current, e.total, round(time.perf_counter() - t0, 1)]
+        print(e.stage, e.current, e.total, round(time.perf_counter() - t0, 1), file=sys.stderr, flush=True)
+
+    base_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with torch.inference_mode():
+        out = pipe(lq, default_mode=True, callback=tick)
+    seconds = time.perf_counter() - t0
+    img = out.pixels
+    print(json.dumps({"shape": list(img.shape), "finite": bool(np.isfinite(img.astype(np.float64)).all()),
+                      "std": float(img.std()), "seconds": seconds,
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "rss_before_gb": base_gb, "threads": torch.get_num_threads(), "stages": stages,
+                      "info": {k: str(v) for k, v in out.info.items()}}))
+""")
+
+
+@pytest.mark.slow
+def test_pisa_sr_2048_whole_pipeline_fp32_cpu():
+    """Issue 3: a 2048x2048 output (512x512 LQ) through the whole PiSA-SR pipeline, full-size SD-2.1-shaped
+    random-weight UNet and VAE, fp32 on the CPU: automatic VAE tiling and latent tiling keep it under budget.
+    Env ``REALISR_LARGE_INPUT`` (default 512) sets the LQ side for a quicker look."""
+    from pathlib import Path
+
+    side = int(os.environ.get("REALISR_LARGE_INPUT", "512"))
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    proc = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, str(side), str(bench)], capture_output=True,
+                          text=True, timeout=8 * 3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n{side}->{4 * side} PiSA-SR whole pipeline (fp32, CPU): {res}")
+    assert res["shape"][:2] == [4 * side, 4 * side]
+    assert res["finite"] and res["std"] > 0
+    assert res["peak_rss_gb"] < LIMIT_GB

@@ -178,18 +178,19 @@ def finish_output(y, pre: Preprocessed, color_fix: str = "adain"):
         color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``.
 
     Returns:
-        ``[1, 3, scale*h, scale*w]`` float32 CPU in ``[0, 1]``.
+        ``[1, 3, scale*h, scale*w]`` float32 CPU in ``[0, 1]``. The colour fix runs on ``y``'s device (one
+        copy of the final image to the host, not two of the full-size float images).
     """
     from PIL import Image
 
     from ..color_fix import color_fix as _fix
 
-    y = y.float().cpu()
-    src = pre.image
+    y = y.float()
+    src = pre.image.to(y.device)
     if pre.mode == "pad":
         ch, cw = pre.content_size
         y, src = y[..., :ch, :cw], src[..., :ch, :cw]
-    y = _fix(y, src, color_fix)
+    y = _fix(y, src, color_fix).cpu()
     if tuple(y.shape[-2:]) != tuple(pre.out_size):
         y = pil_resize(y.contiguous(), (pre.out_size[1], pre.out_size[0]), Image.BICUBIC, exact_8bit=False)
     return y.contiguous()
@@ -327,7 +328,14 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
 
 
 def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
-    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5`` as float32 CPU ``[1, 3, 8h, 8w]`` in ``[0, 1]``."""
+    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``.
+
+    The result stays where the decoder ran (on a GPU, the colour fix then runs there too and only the final
+    image is copied to the host); tiled decoding streams its tiles to the CPU and returns a CPU tensor.
+
+    Raises:
+        RealisrError: the decoder produced NaN/inf (an fp16 overflow): the message says which dtype to use.
+    """
     import torch
 
     from ..progress import report
@@ -343,12 +351,12 @@ def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dt
             report(callback, "vae_decode", 0, 1)
             out = vae.decode(z.to(device=device, dtype=dtype)).sample
             report(callback, "vae_decode", 1, 1)
-    out = out.float().cpu()
-    if not torch.isfinite(out).all():
-        from ..errors import RealisrError
+        out = out.float()
+        if not bool(torch.isfinite(out).all()):
+            from ..errors import RealisrError
 
-        raise RealisrError("the VAE decoder produced NaN/inf values: run with --dtype fp32 (or bf16)")
-    return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
+            raise RealisrError("the VAE decoder produced NaN/inf values: run with --dtype fp32 (or bf16)")
+        return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -482,7 +490,7 @@ class OneStepDiffusionPipeline:
                           device=self.device, dtype=self.vae_dtype, callback=callback)
 
     def decode(self, z_h, *, vae_tile=None, callback=None):
-        """``clamp(decode(z_H / sf), -1, 1) * 0.5 + 0.5``: float32 CPU image in ``[0, 1]``."""
+        """``clamp(decode(z_H / sf), -1, 1) * 0.5 + 0.5``: float32 in ``[0, 1]`` (on the decoder's device)."""
         return vae_decode(self.vae, z_h, vae_tile=vae_tile, device=self.device, dtype=self.vae_dtype,
                           callback=callback)
 
