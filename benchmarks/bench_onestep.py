@@ -177,12 +177,12 @@ def _bicubic_x4(x01):
     return F.interpolate(x01, scale_factor=SCALE, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _optimize(module, channels_last: bool, compile_: bool):
+def _optimize(module, channels_last: bool, compile_: bool, mode: str = "default"):
     import torch
 
     if channels_last:
         module.to(memory_format=torch.channels_last)
-    return torch.compile(module) if compile_ else module
+    return torch.compile(module, mode=mode) if compile_ else module
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,16 +239,20 @@ def pisa_rows(args, device, dtypes, img, embeds):
         pipe = PiSASRPipeline(spec, unet=unet, vae=vae, prompt_embeds=embeds, device=device, dtype=DTYPES[name])
         opt = args.channels_last or args.compile
         tag = name + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else "")
+        if args.compile and args.compile_mode != "default":
+            tag += f"({args.compile_mode})"
 
         pipe.fuse_lora()
         if opt:
-            pipe.unet = _optimize(unet, args.channels_last, args.compile)
-            pipe.vae.decoder = _optimize(vae.decoder, args.channels_last, args.compile)
+            pipe.unet = _optimize(unet, args.channels_last, args.compile, args.compile_mode)
+            pipe.vae.encoder = _optimize(vae.encoder, args.channels_last, args.compile, args.compile_mode)
+            pipe.vae.decoder = _optimize(vae.decoder, args.channels_last, args.compile, args.compile_mode)
         s, peak, extra, _ = measure(lambda: pipe(img, default_mode=True, **kw), device, args.warmup, args.repeats)
         rows.append(("pisa default", tag, s, peak, extra, "pipeline, semantic LoRA fused, 1 UNet pass"))
         print(f"  pisa default {tag}: {s:.3f} s", file=sys.stderr, flush=True)
         if opt:  # peft hooks (per-sample adapters) and compile do not mix: back to the eager modules
             pipe.unet = unet
+            pipe.vae.encoder = getattr(pipe.vae.encoder, "_orig_mod", pipe.vae.encoder)
             pipe.vae.decoder = getattr(pipe.vae.decoder, "_orig_mod", pipe.vae.decoder)
 
         pipe.unfuse_lora()
@@ -395,7 +399,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 1)")
     p.add_argument("--quick", action="store_true", help="256x256 output, 1 timed run (CPU smoke test)")
     p.add_argument("--channels-last", action="store_true", help="channels_last UNet/decoder for pisa default")
-    p.add_argument("--compile", action="store_true", help="torch.compile UNet/decoder for pisa default")
+    p.add_argument("--compile", action="store_true", help="torch.compile UNet/VAE for pisa default")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode (reduce-overhead: CUDA graphs, no per-kernel launch cost)")
     p.add_argument("--rows", default="reference,pisa,osediff", help="comma list of reference,pisa,osediff")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
