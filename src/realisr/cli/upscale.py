@@ -231,6 +231,8 @@ def run(args) -> int:
         raise RealisrError(f"--lambda-grid needs a model with the PiSA-SR dials (-m pisa-sr), not {pipe.spec.id}")
     if grid:
         call["keep_predictions"] = True
+    elif hasattr(pipe, "fuse_lora") and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem")):
+        pipe.fuse_lora()  # every call is PiSA-SR's default mode: one plain UNet pass, the semantic LoRA merged
     generator = None
     if args.seed is not None:
         import torch

@@ -1,0 +1,83 @@
+"""`realisr upscale` with the one-step diffusion models, end to end on the golden fixture's tiny SD model and
+official-format checkpoints (found in REALISR_WEIGHTS, as a user's would be)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from helpers.onestep import golden_dir, pisa_pipeline, sd_dir  # noqa: E402
+
+from realisr.cli.main import main  # noqa: E402
+from realisr.io import read_image  # noqa: E402
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("pisa_sr.pkl", "osediff.pkl"):
+        (weights / name).symlink_to(golden_dir() / name)
+    monkeypatch.setenv("REALISR_WEIGHTS", str(weights))
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.random((6, 7, 3)).astype(np.float32)).permute(2, 0, 1)[None]
+    img = torch.nn.functional.interpolate(small, size=(36, 44), mode="bicubic").clamp(0, 1)[0].permute(1, 2, 0)
+    arr = (img.numpy() * 255).round().astype(np.uint8)
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(arr).save(src)
+    return tmp_path, src, arr
+
+
+def _run(*args):
+    return main(["upscale", "-q", "--sd", str(sd_dir()), "--process-size", "64", *map(str, args)])
+
+
+def test_pisa_default_and_dials_match_the_api(setup):
+    tmp, src, arr = setup
+    assert _run("-m", "pisa-sr", "-i", src, "-o", tmp / "default.png") == 0
+    assert _run("-m", "pisa-sr", "-i", src, "-o", tmp / "dial.png", "--lambda-pix", "0.5", "--lambda-sem", "1.5") == 0
+    pipe = pisa_pipeline()
+    with torch.inference_mode():
+        ref_default = pipe(arr, process_size=64).pixels
+        ref_dial = pipe(arr, process_size=64, lambda_pix=0.5, lambda_sem=1.5).pixels
+    for name, ref in (("default.png", ref_default), ("dial.png", ref_dial)):
+        got = read_image(tmp / name).pixels
+        assert got.shape == (144, 176, 3)  # exactly 4x the input
+        assert np.abs(got - ref).max() <= 1.5 / 255  # 8-bit rounding (+ the fused-LoRA default mode)
+    assert np.abs(read_image(tmp / "default.png").pixels - read_image(tmp / "dial.png").pixels).mean() > 1e-3
+
+
+def test_lambda_grid_writes_cells_and_a_contact_sheet(setup):
+    tmp, src, arr = setup
+    assert _run("-m", "pisa-sr", "-i", src, "-o", tmp / "out.png", "--lambda-grid", "0,1;0.5,1,1.5") == 0
+    cells = sorted(p.name for p in tmp.glob("out_pix*_sem*.png"))
+    assert cells == sorted(f"out_pix{p}_sem{s}.png" for p in ("0", "1") for s in ("0.5", "1", "1.5"))
+    sheet = read_image(tmp / "out_grid.png").pixels
+    assert sheet.shape[1] == 3 * 176 and sheet.shape[0] == 2 * (144 + 18)  # 2 rows x 3 columns + labels
+    pipe = pisa_pipeline()
+    with torch.inference_mode():
+        ref = pipe(arr, process_size=64, lambda_pix=0.0, lambda_sem=1.5).pixels
+    assert np.abs(read_image(tmp / "out_pix0_sem1.5.png").pixels - ref).max() <= 1.5 / 255
+    # (1, 1) in the grid is the default mode's image
+    with torch.inference_mode():
+        default = pipe(arr, process_size=64).pixels
+    assert np.abs(read_image(tmp / "out_pix1_sem1.png").pixels - default).max() <= 1.5 / 255
+
+
+def test_osediff_with_a_prompt(setup):
+    tmp, src, _ = setup
+    assert _run("-m", "osediff", "-i", src, "-o", tmp / "a.png", "--prompt", "a photo") == 0
+    assert _run("-m", "osediff", "-i", src, "-o", tmp / "b.png") == 0
+    a, b = read_image(tmp / "a.png").pixels, read_image(tmp / "b.png").pixels
+    assert a.shape == b.shape == (144, 176, 3)
+    assert np.abs(a - b).mean() > 0  # the prompt reaches the UNet
+
+
+def test_dial_flags_are_refused_for_osediff(setup, capsys):
+    tmp, src, _ = setup
+    assert _run("-m", "osediff", "-i", src, "-o", tmp / "a.png", "--lambda-pix", "0.5") != 0
+    assert "--lambda-pix not supported by model osediff" in capsys.readouterr().err
+    assert not (tmp / "a.png").exists()
