@@ -106,3 +106,18 @@ def test_flags_after_subcommand_and_convert_bundled_model(folder, tmp_path, caps
     assert x.shape == (128, 160, 3) and np.abs(x - y).max() == 0
     assert main(["convert", "realesr-animevideov3-x4", str(st)]) == 1  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, quiet, verbose", [
+    (["-q", "bench-data", "build", "-o", "x"], True, None),
+    (["bench-data", "-q", "build", "-o", "x"], True, None),
+    (["bench-data", "build", "-o", "x", "-q"], True, None),
+    (["bench-data", "build", "-vv", "-o", "x"], None, 2),
+    (["upscale", "-i", "a.png", "-q"], True, None),
+    (["-v", "upscale", "-i", "a.png"], None, 1),
+])
+def test_verbosity_flags_work_after_any_command_word(argv, quiet, verbose):
+    from realisr.cli.main import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert getattr(args, "quiet", None) == quiet and getattr(args, "verbose", None) == verbose

@@ -7,8 +7,11 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
+    from .main import common_options
+
     sub = p.add_subparsers(dest="action", metavar="ACTION")
-    b = sub.add_parser("build", help="fetch the photos, make HQ crops and LQ inputs, write manifest.json")
+    b = sub.add_parser("build", help="fetch the photos, make HQ crops and LQ inputs, write manifest.json",
+                       parents=[common_options()])
     b.add_argument("-o", "--out", required=True, type=Path, metavar="DIR", help="output folder")
     b.add_argument("--sources", default="skimage,mate-backgrounds,plasma-workspace-wallpapers",
                    help="comma-separated: skimage, mate-backgrounds, plasma-workspace-wallpapers (default: all)")

@@ -31,15 +31,21 @@ def _available_commands() -> dict[str, tuple[str, str]]:
     return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from realisr import __version__
-
-    # -v/-q work before and after the sub-command (SUPPRESS: a sub-parser must not reset the main one's value).
+def common_options() -> argparse.ArgumentParser:
+    """The parent parser of ``-v``/``-q``: give it to every (sub-)sub-parser so they work after any command word
+    (SUPPRESS: a sub-parser must not reset the value the main parser read)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="more log output (-vv: debug)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars, errors only")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from realisr import __version__
+
+    common = common_options()
     parser = argparse.ArgumentParser(prog="realisr", description="Real-world image super-resolution.",
                                      parents=[common])
     parser.add_argument("--version", action="version", version=f"realisr {__version__}")
