@@ -141,7 +141,11 @@ _PIPELINE_SCRIPT = textwrap.dedent("""
 def test_pisa_sr_2048_whole_pipeline_fp32_cpu():
     """Issue 3: a 2048x2048 output (512x512 LQ) through the whole PiSA-SR pipeline, full-size SD-2.1-shaped
     random-weight UNet and VAE, fp32 on the CPU: automatic VAE tiling and latent tiling keep it under budget.
-    Env ``REALISR_LARGE_INPUT`` (default 512) sets the LQ side for a quicker look."""
+    Env ``REALISR_LARGE_INPUT`` (default 512) sets the LQ side for a quicker look.
+
+    Measured 2026-11-26 (torch 2.14.1, 1 thread, the other core busy): 2567 s (VAE encode 682 s in 96 tiles,
+    UNet 603 s in 16 latent tiles of 96, decode 1282 s in 128 tiles), peak RSS 14.7 GB of which 4.8 GB are the
+    fp32 models loaded before the call."""
     from pathlib import Path
 
     side = int(os.environ.get("REALISR_LARGE_INPUT", "512"))
