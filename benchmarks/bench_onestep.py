@@ -27,6 +27,7 @@ Usage::
     python benchmarks/bench_onestep.py                       # CPU, fp32, 512x512 (minutes per row on 2 cores)
     python benchmarks/bench_onestep.py --quick               # CPU smoke run: 256x256 output, 1 warm-up + 1 run
     python benchmarks/bench_onestep.py --device cuda --dtype all --channels-last --compile
+    bash benchmarks/gpu_session.sh                           # on a lent GPU: CUDA tests + the GPU runs (see there)
 """
 
 from __future__ import annotations
