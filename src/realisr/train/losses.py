@@ -233,6 +233,18 @@ class BaseModelView:
             return self.model(*args, **kwargs)
 
 
+def _noise_latent(z: torch.Tensor, alphas_cumprod: torch.Tensor, t_range: Sequence[int],
+                  generator: Optional[torch.Generator], timesteps: Optional[torch.Tensor],
+                  noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward diffusion of the detached latent: ``(t, noise, z_t)``, ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise``
+    (timesteps drawn first, then the noise, from ``generator`` unless given)."""
+    z = z.detach().float()
+    t = timesteps if timesteps is not None else sample_timesteps(z.shape[0], t_range, z.device, generator)
+    noise = (noise if noise is not None else torch.randn(z.shape, device=z.device, generator=generator)).float()
+    a = alphas_cumprod.to(z.device, torch.float32)[t].view(-1, 1, 1, 1)
+    return t, noise, a.sqrt() * z + (1 - a).sqrt() * noise
+
+
 def _unet_eps(unet: Callable, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     out = unet(z_t, t, encoder_hidden_states=emb)
     return (out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out).float()
@@ -275,12 +287,8 @@ def csd_loss(z: torch.Tensor, unet_fix: Callable, alphas_cumprod: torch.Tensor, 
     Returns:
         Scalar loss.
     """
-    n = z.shape[0]
     with torch.no_grad():
-        t = timesteps if timesteps is not None else sample_timesteps(n, t_range, z.device, generator)
-        noise = noise if noise is not None else torch.randn(z.shape, device=z.device, generator=generator)
-        a = alphas_cumprod.to(z.device, torch.float32)[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z.detach().float() + (1 - a).sqrt() * noise.float()
+        t, _, z_t = _noise_latent(z, alphas_cumprod, t_range, generator, timesteps, noise)
         eps_u, eps_cfg = _cfg_eps(unet_fix, z_t, t, emb, neg_emb, cfg_scale, unet_dtype)
         real = predict_x0(z_t, eps_cfg, alphas_cumprod, t)
         fake = predict_x0(z_t, eps_u, alphas_cumprod, t)
@@ -309,10 +317,7 @@ def vsd_loss(z: torch.Tensor, unet_fix: Callable, unet_fake: Callable, alphas_cu
     """
     n = z.shape[0]
     with torch.no_grad():
-        t = timesteps if timesteps is not None else sample_timesteps(n, t_range, z.device, generator)
-        noise = noise if noise is not None else torch.randn(z.shape, device=z.device, generator=generator)
-        a = alphas_cumprod.to(z.device, torch.float32)[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z.detach().float() + (1 - a).sqrt() * noise.float()
+        t, _, z_t = _noise_latent(z, alphas_cumprod, t_range, generator, timesteps, noise)
         dtype = unet_dtype or z_t.dtype
         e = emb if emb.shape[0] == n else emb.expand(n, *emb.shape[1:])
         eps_fake = _unet_eps(unet_fake, z_t.to(dtype), t, e.to(dtype))
@@ -337,12 +342,8 @@ def diffusion_loss(z: torch.Tensor, unet_fake: Callable, alphas_cumprod: torch.T
     Returns:
         Scalar loss.
     """
-    z = z.detach().float()
     n = z.shape[0]
-    t = timesteps if timesteps is not None else sample_timesteps(n, (0, num_train_timesteps), z.device, generator)
-    noise = noise if noise is not None else torch.randn(z.shape, device=z.device, generator=generator)
-    a = alphas_cumprod.to(z.device, torch.float32)[t].view(-1, 1, 1, 1)
-    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    t, noise, z_t = _noise_latent(z, alphas_cumprod, (0, num_train_timesteps), generator, timesteps, noise)
     e = emb if emb.shape[0] == n else emb.expand(n, *emb.shape[1:])
     eps = _unet_eps(unet_fake, z_t, t, e)
-    return F.mse_loss(eps, noise.float(), reduction="mean")
+    return F.mse_loss(eps, noise, reduction="mean")
