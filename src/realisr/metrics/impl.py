@@ -134,7 +134,21 @@ def _load_features_into_slices(slices, state: dict, path: Path) -> None:
         slices.load_state_dict({k: v for k, v in mapped.items() if k in target}, strict=True)
 
 
-class LPIPSMetric(Metric):
+class _PairNetMetric(Metric):
+    """A full-reference metric computed by a torch network ``self.net(sr, ref, **net_kwargs)``."""
+
+    net_kwargs: dict = {}
+
+    def _compute(self, sr, ref) -> float:
+        import torch
+
+        with torch.inference_mode():
+            a = to_tensor(sr, self.border, self.device)
+            b = to_tensor(ref, self.border, self.device)
+            return float(self.net(a, b, **self.net_kwargs).reshape(-1)[0])
+
+
+class LPIPSMetric(_PairNetMetric):
     """LPIPS v0.1 with the AlexNet backbone: torchmetrics' network, heads bundled with torchmetrics, the
     ImageNet AlexNet from the user's file (torchmetrics would download it)."""
 
@@ -148,13 +162,7 @@ class LPIPSMetric(Metric):
         self.device = _device(device)
         self.net = net.eval().requires_grad_(False).to(self.device)
 
-    def _compute(self, sr, ref) -> float:
-        import torch
-
-        with torch.inference_mode():
-            a = to_tensor(sr, self.border, self.device)
-            b = to_tensor(ref, self.border, self.device)
-            return float(self.net(a, b, normalize=True).reshape(-1)[0])
+    net_kwargs = {"normalize": True}  # inputs in [0, 1]
 
 
 @contextmanager
@@ -168,7 +176,7 @@ def _patched(obj, name: str, value):
             setattr(obj, name, old)
 
 
-class DISTSMetric(Metric):
+class DISTSMetric(_PairNetMetric):
     """DISTS: torchmetrics' network with its bundled alpha/beta; the VGG16 backbone from the user's file.
 
     torchmetrics builds ``vgg16(weights=DEFAULT)`` (a download) inside the constructor; its module-level
@@ -201,13 +209,7 @@ class DISTSMetric(Metric):
         self.device = _device(device)
         self.net = net.eval().requires_grad_(False).to(self.device)
 
-    def _compute(self, sr, ref) -> float:
-        import torch
-
-        with torch.inference_mode():
-            a = to_tensor(sr, self.border, self.device)
-            b = to_tensor(ref, self.border, self.device)
-            return float(self.net(a, b).reshape(-1)[0])
+    net_kwargs: dict = {}
 
 
 class FIDMetric(SetMetric):
