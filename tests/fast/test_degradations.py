@@ -437,7 +437,6 @@ def test_too_small_input_is_rejected():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_with_a_cpu_generator():
     hq = _smooth_image(3, 96, 96)
     cpu, pc = Degrader("pisa-sr", device="cpu")(hq, generator=torch.Generator().manual_seed(4))

@@ -1,6 +1,6 @@
 """Parity with the official PiSA-SR / OSEDiff inference code, one test per case of the golden manifest.
 
-The fixture folder comes from ``REALISR_GOLDEN_DIR`` (default ``../shared/fixtures/golden``); every setting
+The fixture folder comes from ``REALISR_GOLDEN_DIR`` (default: the vendored ``tests/fixtures/golden``); every setting
 (process size, scale, lambdas, tile parameters, prompt, merged or not) is read from ``manifest.json``, so
 other fixture sets in the same format are checked the same way. A missing folder is a failure, not a skip.
 
@@ -17,14 +17,15 @@ tiny random model).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ROOT = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
+from helpers.onestep import golden_dir  # noqa: E402
+
+ROOT = golden_dir()
 _MISSING = "golden-fixtures-missing"
 
 TOL_PISA_EPS = 5e-5

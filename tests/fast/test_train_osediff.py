@@ -1,7 +1,6 @@
 """OSEDiff training on a tiny random SD model (CPU): what trains, the fake-UNet adapter flag, the official
 checkpoint layout, and loading the checkpoint into the inference pipeline."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,11 @@ pytest.importorskip("yaml")
 
 from realisr.train.config import load_recipe  # noqa: E402
 
+from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
-SD = GOLDEN / "sd"
+GOLDEN = golden_dir()
+SD = sd_dir(GOLDEN)
 pytestmark = pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")
 STEPS = 2
 

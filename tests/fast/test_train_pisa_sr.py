@@ -3,7 +3,6 @@ switch freezes the pixel LoRA bit for bit, checkpoints have the official layout 
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,11 @@ pytest.importorskip("yaml")
 from realisr.errors import WeightsNotFoundError  # noqa: E402
 from realisr.train.config import load_recipe  # noqa: E402
 
+from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
-SD = GOLDEN / "sd"
+GOLDEN = golden_dir()
+SD = sd_dir(GOLDEN)
 pytestmark = pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")
 
 STAGE1_STEPS = 24

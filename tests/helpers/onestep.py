@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
+from helpers.fixtures import fixture_set, tiny_sd_dir
+
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
 
 
 def golden_dir() -> Path:
-    return Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
+    """The PiSA-SR / OSEDiff fixture set: ``REALISR_GOLDEN_DIR``, else the vendored ``tests/fixtures/golden``."""
+    return fixture_set("golden")
 
 
 def manifest(root: Path = None) -> dict:
@@ -26,7 +27,7 @@ def sd_dir(root: Path = None) -> Path:
     try:
         return root / manifest(root)["model"]["dir"]
     except (OSError, KeyError, ValueError):
-        return root / "sd"
+        return tiny_sd_dir(root)
 
 
 def pisa_pipeline(checkpoint: str = None, root: str = None):

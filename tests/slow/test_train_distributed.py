@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
-SD = GOLDEN / "sd"
+GOLDEN = golden_dir()
+SD = sd_dir(GOLDEN)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")]
