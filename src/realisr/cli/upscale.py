@@ -58,8 +58,11 @@ def add_arguments(p) -> None:
                    help="tile size in input pixels; 0 disables tiling (default: chosen from free memory)")
     g.add_argument("--tile-pad", type=int, default=None, help="context around each tile in pixels")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: fp32 on CPU, half precision on CUDA where the model supports it")
+                   help="auto (default): half precision on CUDA where the model supports it; on a CPU with "
+                        "AMX-BF16 units bf16 for models with a tested bf16 bound; else fp32 (-v says why)")
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: the physical cores available, or $OMP_NUM_THREADS)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
     g.add_argument("--seed", type=int, default=None, help="seed for pipelines that sample")
     g = p.add_argument_group("diffusion models (pisa-sr, osediff)")
@@ -81,6 +84,27 @@ def add_arguments(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _say_dtype(pipe, verbose: int) -> None:
+    """Say once which dtype ``--dtype auto`` chose (``-v``: the library's INFO log says it, with why)."""
+    dt = str(pipe.dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
+    if verbose:
+        return
+    hint = "--fp32 forces fp32" if dt != "fp32" else "-v says why"
+    print(f"realisr: {pipe.spec.id} on {pipe.device} in {dt} (--dtype auto; {hint})", file=sys.stderr)
+
+
 def _sample_path(name: str) -> Path:
     from realisr.errors import InputImageError
 
@@ -220,7 +244,9 @@ def run(args) -> int:
     ctor = {}
     if args.sd is not None:
         ctor["sd"] = args.sd
-    pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
+    pipe = load_pipeline(model_id, device=args.device, dtype=dtype, num_threads=args.threads, **ctor)
+    if dtype == "auto" and not quiet:
+        _say_dtype(pipe, getattr(args, "verbose", 0))
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
     accepted = _accepted_call_args(pipe)
     bad = sorted(k for k in call if k not in accepted)
