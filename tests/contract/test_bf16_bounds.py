@@ -1,8 +1,8 @@
 """The bf16 bounds of the registry: every model ``dtype="auto"`` may run in bf16 on a CPU keeps its promise.
 
 ``bf16_psnr_db`` is the PSNR of a model's bf16 output against its fp32 output that the registry states. GAN
-models are checked on real photos (32x32 crops of scikit-image photos, at their own resolution: what a user
-feeds), the diffusion models on the golden tiny models and inputs. bf16 arithmetic runs on any CPU (emulated
+models are checked on real photos (24x24 crops of five scikit-image photos, at their own resolution: what a
+user feeds), the diffusion models on the golden tiny models and inputs. bf16 arithmetic runs on any CPU (emulated
 and slower without AMX), so these tests run everywhere; only the speed needs the units.
 """
 
@@ -43,7 +43,7 @@ def test_bound_is_declared_where_bf16_is_possible(spec):
             f"{spec.id}: GAN models state a bf16 bound of at least 45 dB"
 
 
-def _photo_crops(side: int = 32) -> list:
+def _photo_crops(side: int = 24) -> list:
     import skimage.data
 
     camera = np.repeat(skimage.data.camera()[..., None], 3, axis=2)

@@ -251,3 +251,58 @@ def test_api_threads(spy_forward):
             realisr.load_pipeline(COMPACT, device="cpu", num_threads=bad)
         with pytest.raises(ValueError, match="num_threads"):
             pipe.num_threads = bad
+
+
+def test_cli_pisa_sr_in_bf16_on_an_amx_cpu(fake_cpu, tmp_path, monkeypatch, capsys):
+    """The user's path on a CPU with AMX: `-m pisa-sr` with --dtype auto runs bf16 (semantic LoRA fused into the
+    bf16 weights) and stays finite and within the registry's bound of the fp32 API output."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from helpers import onestep
+    from realisr.io import read_image
+    from realisr.registry import get_spec
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "pisa_sr.pkl").symlink_to(onestep.golden_dir() / "pisa_sr.pkl")
+    monkeypatch.setenv("REALISR_WEIGHTS", str(weights))
+    lq = np.load(onestep.golden_dir() / "inputs" / "in1" / "lq.npy")[0].transpose(1, 2, 0)
+    src = tmp_path / "in.png"
+    Image.fromarray(np.rint(lq * 255).astype(np.uint8)).save(src)
+    fake_cpu(AMX)
+    rc = main(["upscale", "-i", str(src), "-o", str(tmp_path / "out.png"), "-m", "pisa-sr", "--sd",
+               str(onestep.sd_dir()), "--process-size", "96", "--threads", "1"])
+    assert rc == 0 and "pisa-sr on cpu in bf16" in capsys.readouterr().err
+    got = read_image(tmp_path / "out.png").pixels.astype(np.float64)
+    with torch.inference_mode():
+        ref = onestep.pisa_pipeline()(np.asarray(Image.open(src)), process_size=96).pixels.astype(np.float64)
+    psnr = 10 * np.log10(1.0 / np.mean((got - ref) ** 2))
+    assert np.isfinite(got).all() and get_spec("pisa-sr").bf16_psnr_db <= psnr < 90, psnr
+
+
+def test_keep_freed_memory_stops_page_faults_of_big_reallocations():
+    """The CLI's allocator setting: a freed 96 MB block is reused instead of page-faulted in again."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only: elsewhere keep_freed_memory() does nothing")
+    code = (  # malloc, touch, free a 96 MB block (as torch allocates an activation), with plain libc calls
+        "import ctypes, resource, sys\n"
+        "from realisr.cpu import keep_freed_memory\n"
+        "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def cycle(n=96 << 20):\n"
+        "    p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)\n"
+        "cycle()\n"
+        "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(4): cycle()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n")
+    faults = {}
+    for mode in ("plain", "keep"):
+        r = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        faults[mode] = int(r.stdout.split()[-1])
+    assert faults["plain"] >= 4 * 40  # each new block is faulted in: >= 48 faults even with 2 MiB huge pages
+    assert faults["keep"] < faults["plain"] / 20, faults

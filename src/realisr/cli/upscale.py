@@ -234,6 +234,9 @@ def run(args) -> int:
         return 1
     out_root = Path(args.output).expanduser()
     single = len(inputs) == 1
+    from realisr.cpu import keep_freed_memory
+
+    keep_freed_memory()  # CPU inference re-allocates big activations per layer: reuse them, no page faults
     dtype = "fp32" if args.fp32 else args.dtype
     model_id = resolve_model_id(args.model)
     if args.model == "auto":
