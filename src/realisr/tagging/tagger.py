@@ -63,7 +63,8 @@ def image_to_tensor(image) -> "torch.Tensor":
             raise ValueError(f"expected an [H,W,C] image array with 1-4 channels, got shape {image.shape}")
         if arr.shape[2] in (2, 4):
             arr = arr[..., :-1]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+        arr = np.ascontiguousarray(arr)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1).contiguous()
         if arr.dtype == np.uint8:
             t = t.float().div(255)
         elif arr.dtype == np.uint16:
