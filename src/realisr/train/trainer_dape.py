@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from realisr.train.trainer_base import BaseTrainer, TrainingError, find_checkpoint
+from realisr.train.trainer_base import BaseTrainer, find_checkpoint
 
 __all__ = ["DAPETrainer", "feature_loss", "soft_label_bce", "lr_factor"]
 
@@ -134,15 +132,7 @@ class DAPETrainer(BaseTrainer):
         else:
             self.dataset = DAPEImageDataset(list_sources(cfg.data.hq), d.image_size)
             self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device, resize_back=False)
-        need = cfg.data.batch_size * self.accelerator.num_processes
-        if len(self.dataset) < need:
-            raise TrainingError(f"{len(self.dataset)} training images for a global batch of {need}: add images or "
-                                "lower data.batch_size")
-        g = torch.Generator().manual_seed(cfg.seed)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
-            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-        self.dataloader = self.accelerator.prepare(loader)
+        self.dataloader = self.make_dataloader(self.dataset)
         self._val = None
         if cfg.validation.num > 0 and self.accelerator.is_main_process:  # also for validate() called directly
             items = [self.dataset[i] for i in range(min(cfg.validation.num, len(self.dataset)))]
@@ -205,31 +195,9 @@ class DAPETrainer(BaseTrainer):
 
         return dape_state_dict(self.accelerator.unwrap_model(self.student))
 
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N/{DAPE.pth, training_state/}`` (main process). ``DAPE.pth`` is the
-        official layout (a flat dict of the ``lora_`` tensors)."""
-        from realisr.weights.cache import atomic_save_file
-
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        folder = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
-        if acc.is_main_process:
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "training_state").mkdir(parents=True)
-            torch.save(self.official_checkpoint(), tmp / f"{self.checkpoint_name}.pth")
-            atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
-            for name, opt in self.optimizers.items():
-                torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
-            with open(tmp / "training_state" / "state.json", "w", encoding="utf-8") as f:
-                json.dump({"step": self.step, "method": self.method, "seed": self.cfg.seed,
-                           "num_processes": acc.num_processes}, f)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            self._prune_checkpoints()
-            logger.info("checkpoint written: %s", folder)
-        acc.wait_for_everyone()
-        return folder
+    def write_official_files(self, folder: Path) -> None:
+        """``DAPE.pth``: the official layout (a flat dict of the student's ``lora_`` tensors)."""
+        torch.save(self.official_checkpoint(), folder / f"{self.checkpoint_name}.pth")
 
     # ---------------------------------------------------------------------------------------------- checks
     def validate(self) -> Optional[dict]:
