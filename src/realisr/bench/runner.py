@@ -212,6 +212,7 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
         except (OSError, ValueError):
             meta = {}
     seconds: dict = dict(meta.get("seconds", {}))
+    tags: dict = dict(meta.get("tags", {}))  # image -> the tag string a tagging method used (OSEDiff's DAPE)
     todo = [p for p in pairs if not (folder / f"{p.name}.png").is_file()]
     pipe = None
     if todo:
@@ -246,6 +247,8 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                 t0 = time.perf_counter()
                 res = pipe(lq_f, generator=gen, **kwargs)
                 seconds[p.name] = time.perf_counter() - t0
+                if res.info.get("tags") is not None:
+                    tags[p.name] = res.info["tags"]
                 _save_png(out, res.image.pixels)
             except Exception as e:  # noqa: BLE001 - per-image failures are listed, not fatal
                 msg = _one_line(e)
@@ -253,8 +256,16 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                 failures.append({"method": setting.label, "image": p.name, "stage": "upscale", "error": msg})
         step[0] += 1
         report(callback, "bench", step[0], total, f"{setting.label}: {p.name}")
-    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds})
+    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds, "tags": tags})
     return seconds
+
+
+def _method_tags(folder: Path) -> dict:
+    """image -> tag string recorded by :func:`_run_method` (empty for untagged methods)."""
+    try:
+        return dict(json.loads((folder / "setting.json").read_text()).get("tags", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 # -- the metric stage -------------------------------------------------------------------------------------
@@ -350,11 +361,14 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         for m in sets.values():
             m.reset()
         n_set = 0
+        tags = _method_tags(cfg.out_dir / "sr" / s.slug)
         for p in pairs:
             k += 1
             sr_path = cfg.out_dir / "sr" / s.slug / f"{p.name}.png"
             row = {"method": s.label, "model": s.model, "settings": json.dumps(s.call_kwargs, sort_keys=True),
                    "image": p.name, "seconds": seconds[s.slug].get(p.name)}
+            if p.name in tags:
+                row["tags"] = tags[p.name]
             if not sr_path.is_file():
                 report(callback, "metrics", k, mtotal, f"{s.label}: {p.name}")
                 continue
@@ -417,6 +431,9 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         d = s.to_json()
         d.update(n_images=len(pairs), n_ok=len(mine), means=means,
                  seconds_per_image=float(np.mean(secs)) if secs else None)
+        tagged = {r["image"]: r["tags"] for r in mine if "tags" in r}
+        if tagged:
+            d["tags"] = tagged
         methods_out.append(d)
     summary = _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start)
     _write_csv(cfg.out_dir / "results.csv", rows, [m for m in available if m in per])
@@ -455,7 +472,8 @@ def _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_s
 
 
 def _write_csv(path: Path, rows: list, metric_cols: list) -> None:
-    cols = ["method", "model", "settings", "image", "seconds"] + metric_cols
+    cols = ["method", "model", "settings", "image", "seconds"] + (["tags"] if any("tags" in r for r in rows) else []) \
+        + metric_cols
     fd, tmp = tempfile.mkstemp(prefix="results.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

@@ -70,7 +70,10 @@ def add_arguments(p) -> None:
     g.add_argument("--lambda-grid", default=None, metavar="VALUES",
                    help="PiSA-SR: render a grid of dial settings from one pair of UNet passes, e.g. "
                         "'0,0.5,1,1.5' (both dials) or '0,1;0.5,1,1.5' (pix values;sem values)")
-    g.add_argument("--prompt", default=None, help="OSEDiff prompt text")
+    g.add_argument("--prompt", default=None,
+                   help="OSEDiff prompt text (with the DAPE tagger found: the user part of \"<tags>, <prompt>,\")")
+    g.add_argument("--no-tags", action="store_true",
+                   help="OSEDiff: do not prepend the DAPE tags to the prompt (and do not load the tagger)")
     g.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"], help="colour fix")
     g.add_argument("--process-size", type=int, default=None, help="diffusion processing size (default 512)")
     g.add_argument("--resize-mode", default=None, choices=["official", "pad"],
@@ -153,6 +156,16 @@ def _accepted_call_args(pipe) -> Optional[set]:
     return names
 
 
+def _loads_tagger(model_id: str) -> bool:
+    """Whether the registered model's pipeline takes a ``tagger=`` at load time."""
+    from realisr.registry import REGISTRY
+
+    spec = REGISTRY.get(model_id)
+    if spec is None:
+        return False
+    return "tagger" in inspect.signature(spec.pipeline_class().from_spec).parameters
+
+
 def _parse_grid(text: str) -> tuple[list[float], list[float]]:
     from realisr.errors import RealisrError
 
@@ -220,8 +233,12 @@ def run(args) -> int:
     ctor = {}
     if args.sd is not None:
         ctor["sd"] = args.sd
+    if getattr(args, "no_tags", False) and _loads_tagger(model_id):
+        ctor["tagger"] = None  # no tagging: do not even load it
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if getattr(args, "no_tags", False):
+        call["tags"] = False
     accepted = _accepted_call_args(pipe)
     bad = sorted(k for k in call if k not in accepted)
     if bad:
