@@ -227,7 +227,8 @@ def metric_status(spec_or_id) -> MetricStatus:
         if importlib.util.find_spec(mod) is None:
             how = f"pip install 'realisr[{spec.extra}]'"
             if spec.extra == "pyiqa":
-                how += " (pyiqa is PolyForm-Noncommercial: non-commercial use only)"
+                how += (" && pip install --no-deps pyiqa==0.1.16 (from a clone: pip install -e '.[pyiqa]'; "
+                        "pyiqa is PolyForm-Noncommercial: non-commercial use only)")
             missing.append((f"python package {mod}", how))
     for wf in spec.weights:
         if find_weight_file(wf) is None:
