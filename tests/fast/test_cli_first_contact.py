@@ -56,6 +56,8 @@ def test_quiet_prints_nothing_but_errors(img, tmp_path, capsys):
     cap = capsys.readouterr()
     assert cap.out == "" and cap.err.strip().startswith("failed:") and "broken.png" in cap.err
     assert len(cap.err.strip().splitlines()) == 1
+    assert main(["-q", "convert", "realesr-animevideov3-x4", str(tmp_path / "av3.safetensors")]) == 0
+    assert capsys.readouterr() == ("", "")
 
 
 def test_an_existing_folder_is_a_folder_whatever_its_name(img, tmp_path):
