@@ -290,7 +290,7 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
             entry.update(available=False, detail=st.detail if st.missing else str(e),
                          missing=[list(x) for x in st.missing])
             info[mid] = entry
-            logger.warning("%s", e)
+            logger.debug("%s", e)  # said once before the run (_preflight)
             continue
         except Exception as e:  # noqa: BLE001 - a broken metric must not stop the run
             entry.update(available=False, detail=_one_line(e))
@@ -301,6 +301,63 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
         info[mid] = entry
         (per if m.per_image else sets)[mid] = m
     return per, sets, info
+
+
+def _output_scale(setting: MethodSetting) -> Optional[float]:
+    """The SR/LQ size ratio of a setting when it is known without loading the model."""
+    from ..registry import REGISTRY
+
+    if setting.call_kwargs.get("outscale") is not None:
+        return float(setting.call_kwargs["outscale"])
+    spec = REGISTRY.get(setting.model)
+    return float(spec.scale) if spec is not None else None
+
+
+def _image_size(path: Path) -> Optional[tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except OSError:
+        return None
+
+
+def _preflight(settings, pairs, metric_ids, paired: bool, cfg: BenchConfig) -> None:
+    """Say once, before any work, which metrics will be unavailable and which images are too small for NIQE."""
+    from ..metrics.niqe_core import niqe_min_size
+    from ..metrics.registry import get_metric_spec, metric_status
+
+    for mid in metric_ids:
+        spec = get_metric_spec(mid)
+        if spec.needs_reference and not paired:
+            logger.warning("%s needs HQ references (--hq): not measured", mid)
+            continue
+        st = metric_status(spec)
+        if not st.available:
+            logger.warning("%s is unavailable: %s", mid, st.detail)
+    niqe_ids = [m for m in metric_ids if get_metric_spec(m).factory.endswith(":NIQEMetric")]
+    if not niqe_ids:
+        return
+    min_h, min_w = niqe_min_size(border=cfg.border)
+    small, example = 0, None
+    for p in pairs:
+        size = _image_size(p.lq)
+        if size is None:
+            continue
+        for s in settings:
+            scale = _output_scale(s)
+            if scale is None:
+                continue
+            w, h = round(size[0] * scale), round(size[1] * scale)
+            if min(h, w) < min_h or max(h, w) < min_w:  # NIQE needs two 96x96 blocks (either orientation)
+                small += 1
+                example = example or f"{p.name}: {w}x{h} from {s.label}"
+    if small:
+        logger.warning("%s needs SR images of at least %dx%d pixels (two 96x96 blocks%s): %d of %d outputs are "
+                       "smaller (e.g. %s) and get no %s value", "/".join(niqe_ids), min_w, min_h,
+                       f" after the {cfg.border}-pixel crop" if cfg.border else "", small,
+                       len(pairs) * len(settings), example, "/".join(niqe_ids))
 
 
 def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent], None]] = None) -> dict:
@@ -335,6 +392,7 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
     for mid in metric_ids:
         get_metric_spec(mid)  # unknown ids fail before any work
     failures: list = [{"method": "-", "image": s.split(":")[0], "stage": "pairing", "error": s} for s in problems]
+    _preflight(settings, pairs, metric_ids, paired, cfg)
 
     # 1. SR outputs (cached)
     total = len(settings) * len(pairs)

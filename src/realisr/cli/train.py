@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     callback = _MainProcessOnly(TqdmProgress(disable=bool(getattr(args, "quiet", False))))
     summary = make_trainer(cfg, callback).train()
-    if callback.enabled:
+    if callback.enabled and not getattr(args, "quiet", False):
         print(f"realisr train: {cfg.method} finished at step {summary['step']} "
               f"({summary['steps_per_s']:.3g} steps/s); checkpoint: {summary['checkpoint']}")
     return 0

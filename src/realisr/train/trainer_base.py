@@ -57,12 +57,17 @@ def load_sd_components(pretrained: str) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_pretrained(pretrained)
+
+    def st(sub: str) -> dict:  # safetensors where the folder has them; never the network
+        return {"local_files_only": True,
+                **({"use_safetensors": True} if any(Path(root, sub).glob("*.safetensors")) else {})}
+
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae"),
-        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
-        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **st("text_encoder")),
+        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", **st("vae")),
+        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", **st("unet")),
+        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
     }
 
 

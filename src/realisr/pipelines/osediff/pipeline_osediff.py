@@ -135,7 +135,9 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
 
         if kwargs:
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
-        checkpoint = resolve_checkpoint(checkpoint, spec, expect="osediff")
+        from ...models.backbone import COMPONENTS
+
+        checkpoint = resolve_checkpoint(checkpoint, spec, expect="osediff", sd=sd, components=COMPONENTS)
         bb = load_backbone(sd)
         pipe = cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, scheduler=bb.scheduler, checkpoint=checkpoint,

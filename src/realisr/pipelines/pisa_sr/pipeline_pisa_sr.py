@@ -110,8 +110,9 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
         if kwargs:
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
-        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr")
-        bb = load_backbone(sd, components=("unet", "vae", "text_encoder", "tokenizer"))
+        parts = ("unet", "vae", "text_encoder", "tokenizer")
+        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr", sd=sd, components=parts)
+        bb = load_backbone(sd, components=parts)
         return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, checkpoint=checkpoint, device=device, dtype=dtype)
 
