@@ -42,11 +42,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESIZE_MODES",
+    "PROCESSING_MODES",
     "Preprocessed",
     "preprocess",
     "official_sizes",
     "pil_resize",
     "finish_output",
+    "preprocess_on_device",
+    "finish_output_on_device",
     "latent_tile_plan",
     "gaussian_tile_weights",
     "gaussian_window",
@@ -60,6 +63,7 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("official", "pad")
+PROCESSING_MODES = ("auto", "host", "device")
 
 
 @dataclass
@@ -117,13 +121,16 @@ def _is_8bit(x) -> bool:
 
 
 def pil_resize(x, size_wh: tuple[int, int], resample, *, exact_8bit: bool):
-    """Resize ``[1, 3, H, W]`` float ``[0, 1]`` with Pillow: through uint8 RGB (``exact_8bit``, as the official
-    scripts) or per float plane. Returns float32 ``[1, 3, h, w]`` in ``[0, 1]``."""
+    """Resize ``[N, 3, H, W]`` float ``[0, 1]`` with Pillow: through uint8 RGB (``exact_8bit``, as the official
+    scripts) or per float plane. Returns float32 ``[N, 3, h, w]`` in ``[0, 1]``."""
     import torch
     from PIL import Image
 
     if tuple(size_wh) == (x.shape[-1], x.shape[-2]):
         return x
+    if x.shape[0] > 1:  # Pillow resizes one image at a time
+        return torch.cat([pil_resize(x[i:i + 1], size_wh, resample, exact_8bit=exact_8bit)
+                          for i in range(x.shape[0])])
     if exact_8bit:
         arr = np.rint(x[0].permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
         out = np.asarray(Image.fromarray(arr, "RGB").resize(tuple(size_wh), resample))
@@ -137,7 +144,7 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
     """Pre-process an LQ image as the official scripts do (see the module docstring).
 
     Args:
-        x: ``[1, 3, h, w]`` float32 CPU tensor in ``[0, 1]``.
+        x: ``[N, 3, h, w]`` float32 CPU tensor in ``[0, 1]``.
         scale: the upscaling factor (4 for the released models).
         process_size: the official ``--process_size`` (512).
         mode: ``"official"`` or ``"pad"``.
@@ -150,6 +157,14 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
 
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if x.shape[0] > 1:  # a batch of same-size images: each as it would be alone
+        import dataclasses
+
+        import torch
+
+        pres = [preprocess(x[i:i + 1], scale=scale, process_size=process_size, mode=mode) for i in range(x.shape[0])]
+        return dataclasses.replace(pres[0], image=torch.cat([p.image for p in pres]),
+                                   exact_8bit=all(p.exact_8bit for p in pres))
     h, w = x.shape[-2:]
     exact = _is_8bit(x)
     out_size = (h * scale, w * scale)
@@ -194,6 +209,62 @@ def finish_output(y, pre: Preprocessed, color_fix: str = "adain"):
     if tuple(y.shape[-2:]) != tuple(pre.out_size):
         y = pil_resize(y.contiguous(), (pre.out_size[1], pre.out_size[0]), Image.BICUBIC, exact_8bit=False)
     return y.contiguous()
+
+
+def preprocess_on_device(x, *, scale: int = 4, process_size: int = 512, mode: str = "official",
+                         device=None) -> Preprocessed:
+    """:func:`preprocess` on ``device`` (the default mode's path on a GPU): the same geometry and Pillow's
+    filters as matrices (:func:`realisr.resample.pil_resize_tensor`), with 8-bit inputs rounded to 8-bit levels
+    after each pass as Pillow's uint8 path does. Equal to :func:`preprocess` within one 8-bit level (at a few
+    values in ten thousand where Pillow's fixed-point weights round the other way), 16-bit and float inputs to
+    float32 rounding. Only the small LQ image is copied to the device.
+
+    Raises:
+        ValueError: unknown mode or bad sizes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..resample import pil_resize_tensor
+
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    n, _, h, w = x.shape
+    flags = [_is_8bit(x[i:i + 1]) for i in range(n)]
+    exact = torch.tensor(flags) if len(set(flags)) > 1 else flags[0]
+    y = x.to(device=device, dtype=torch.float32, non_blocking=True)
+    out_size = (h * scale, w * scale)
+    if mode == "official":
+        flag, size, up, final = official_sizes(w, h, scale, process_size)
+        if min(final) < 8:
+            raise ValueError(f"image of {w}x{h} is too small for x{scale}: it needs at least 8 output pixels per side")
+        for (sw, sh), name in ((size, "bicubic"), (up, "bicubic"), (final, "lanczos")):
+            if (sh, sw) != tuple(y.shape[-2:]):
+                y = pil_resize_tensor(y, (sh, sw), name, round_8bit=exact)
+        return Preprocessed(y.contiguous(), (h, w), out_size, mode, resize_flag=flag, exact_8bit=all(flags))
+    y = pil_resize_tensor(y, (h * scale, w * scale), "bicubic", round_8bit=exact)
+    ph, pw = (-y.shape[-2]) % 8, (-y.shape[-1]) % 8
+    if ph or pw:
+        pad_mode = "reflect" if ph < y.shape[-2] and pw < y.shape[-1] else "replicate"
+        y = F.pad(y, (0, pw, 0, ph), mode=pad_mode)
+    return Preprocessed(y.contiguous(), (h, w), out_size, mode, pad=(ph, pw), exact_8bit=all(flags))
+
+
+def finish_output_on_device(y, pre: Preprocessed, color_fix: str = "adain"):
+    """:func:`finish_output` with the final resize on ``y``'s device too (Pillow's bicubic as matrices, float):
+    one copy to the host, of the final image. Equal to :func:`finish_output` to float32 rounding."""
+    from ..color_fix import color_fix as _fix
+    from ..resample import pil_resize_tensor
+
+    y = y.float()
+    src = pre.image.to(y.device)
+    if pre.mode == "pad":
+        ch, cw = pre.content_size
+        y, src = y[..., :ch, :cw], src[..., :ch, :cw]
+    y = _fix(y, src, color_fix)
+    if tuple(y.shape[-2:]) != tuple(pre.out_size):
+        y = pil_resize_tensor(y, pre.out_size, "bicubic")
+    return y.cpu().contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,9 +366,9 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
     """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
 
     Args:
-        image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
+        image01: ``[N, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
         sample: sample the posterior (as the official scripts do) instead of taking its mode.
-        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
+        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there), or one per image.
         vae_tile: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
             (tiles beyond 1024x1024 pixels); ``0``: never.
     """
@@ -320,7 +391,11 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
             report(callback, "vae_encode", 1, 1)
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+            if isinstance(generator, (list, tuple)):  # one per image: each draws as it would alone
+                noise = torch.cat([torch.randn(mean[i:i + 1].shape, generator=g, dtype=torch.float32)
+                                   for i, g in enumerate(generator)])
+            else:
+                noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
             z = mean + std * noise
         else:
             z = dist.mode().float()
@@ -435,6 +510,41 @@ class OneStepDiffusionPipeline:
 
     flavor = "pisa"
     timestep = 1
+    supports_batch = True  # same-size images share the VAE and UNet calls (one by one when the VAE tiles)
+    #: Where pre/post-processing run: ``"auto"`` (on the pipeline's device when it is a GPU, else on the host),
+    #: ``"host"`` (Pillow on the CPU, the official scripts' path exactly) or ``"device"``
+    #: (:func:`preprocess_on_device` / :func:`finish_output_on_device`: Pillow's filters as matrices, within one
+    #: 8-bit level of the host path). Set it on the pipeline object.
+    processing = "auto"
+
+    def device_processing(self) -> bool:
+        """Whether this pipeline's pre/post-processing runs on its device (see :attr:`processing`)."""
+        if self.processing not in PROCESSING_MODES:
+            raise ValueError(f"processing must be one of {PROCESSING_MODES}, got {self.processing!r}")
+        return self.processing == "device" or (self.processing == "auto" and self.device.type == "cuda")
+
+    def _vae_tiled(self, x, process_size, resize_mode, vae_tile) -> bool:
+        """Whether the VAE would tile the processed ``x`` (then a batch runs image by image)."""
+        h, w = x.shape[-2:]
+        ps = process_size if process_size is not None else self.spec.options.get("process_size", 512)
+        if resize_mode == "pad":
+            ph, pw = -(-h * self.scale // 8) * 8, -(-w * self.scale // 8) * 8
+        else:
+            (pw, ph) = official_sizes(w, h, self.scale, ps)[3]
+        return _auto_vae_tile(ph // 8, pw // 8, vae_tile) is not None
+
+    def _one_by_one(self, x, extras: dict, generator, **kwargs):
+        """``_upscale_rgb`` per image of a batch (each with its own generator if a list is given)."""
+        import torch
+
+        ys, per = [], []
+        for i in range(x.shape[0]):
+            e: dict = {}
+            g = generator[i] if isinstance(generator, (list, tuple)) else generator
+            ys.append(self._upscale_rgb(x[i:i + 1], generator=g, extras=e, **kwargs))
+            per.append(e)
+        extras["per_image"] = per
+        return torch.cat(ys)
 
     def _init_dtypes(self, dtype) -> None:
         from .base import resolve_dtype
@@ -480,9 +590,18 @@ class OneStepDiffusionPipeline:
         return int(latent_tile), int(latent_overlap)
 
     def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official") -> Preprocessed:
-        """The official pre-processing of ``x`` (``[1, 3, h, w]`` float ``[0, 1]``): see :func:`preprocess`."""
+        """The official pre-processing of ``x`` (``[N, 3, h, w]`` float ``[0, 1]``): see :func:`preprocess`
+        (on the device: :func:`preprocess_on_device`, see :attr:`processing`)."""
         ps = process_size if process_size is not None else self.spec.options.get("process_size", 512)
+        if self.device_processing():
+            return preprocess_on_device(x, scale=self.scale, process_size=ps, mode=resize_mode, device=self.device)
         return preprocess(x, scale=self.scale, process_size=ps, mode=resize_mode)
+
+    def finish(self, y, pre: Preprocessed, color_fix: str):
+        """Colour fix and output size: :func:`finish_output` (on the device: :func:`finish_output_on_device`)."""
+        if self.device_processing():
+            return finish_output_on_device(y, pre, color_fix)
+        return finish_output(y, pre, color_fix)
 
     def encode(self, image01, *, sample_posterior: bool = False, generator=None, vae_tile=None, callback=None):
         """``z_L``: the VAE posterior mode (or a sample) of the processed LQ, times ``scaling_factor``, float32."""
@@ -495,12 +614,15 @@ class OneStepDiffusionPipeline:
                           callback=callback)
 
     def _unet(self, z, embeds, *, batch: int = 1):
-        """One UNet call at ``self.timestep``; ``z`` float32 -> float32 prediction."""
+        """One UNet call at ``self.timestep``; ``z`` float32 ``[N, 4, h, w]`` -> float32 prediction; ``embeds``
+        ``[1, 77, D]`` (one prompt) or ``[N, 77, D]``; ``batch`` repeats the whole batch (``[batch * N, ...]``)."""
         import torch
 
         t = torch.tensor([self.timestep], device=self.device, dtype=torch.long)
         zz = z.to(device=self.device, dtype=self.dtype)
         emb = embeds.to(device=self.device, dtype=self.dtype)
+        if emb.shape[0] != zz.shape[0]:  # one prompt for a batch of images
+            emb = emb.expand(zz.shape[0], -1, -1)
         if batch > 1:
             zz = torch.cat([zz] * batch)
             emb = torch.cat([emb] * batch)

@@ -26,13 +26,14 @@ official code keeps ~3 GB of extra weight copies). Beyond the official code:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..base import SRPipeline, SROutput, to_image_data
-from ..diffusion_common import (OneStepDiffusionPipeline, Preprocessed, dial_to_latent, finish_output,
-                                latent_tile_plan, move_module, tiled_latent_predict)
+from ..diffusion_common import (OneStepDiffusionPipeline, Preprocessed, dial_to_latent, latent_tile_plan,
+                                move_module, tiled_latent_predict)
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,12 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
         color_fix = color_fix or self.spec.color_fix
         info: dict = {}
         st = _redial_state
+        if st is None and x.shape[0] > 1 and self._vae_tiled(x, process_size, resize_mode, vae_tile):
+            return self._one_by_one(
+                x, extras, generator, tile=tile, tile_pad=tile_pad, callback=callback, lambda_pix=lambda_pix,
+                lambda_sem=lambda_sem, default_mode=default_mode, color_fix=color_fix, process_size=process_size,
+                resize_mode=resize_mode, latent_tile=latent_tile, latent_overlap=latent_overlap, vae_tile=vae_tile,
+                sample_posterior=sample_posterior, keep_predictions=keep_predictions)
         if st is None:
             lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
             pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
@@ -269,21 +276,31 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
             eps = preds["eps"]
         z_h = z_l - eps
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
-        out = finish_output(y, pre, color_fix)
-        if keep_predictions or st is not None:
-            extras["redial_state"] = st if st is not None else PiSARedialState(
-                z_L=z_l.float().cpu(), eps_pix=preds["eps_pix"].float().cpu(), eps_sem=preds["eps_sem"].float().cpu(),
-                pre=pre, color_fix=color_fix, vae_tile=vae_tile)
+        out = self.finish(y, pre, color_fix)
+        if st is not None:
+            extras["redial_state"] = st
+        elif keep_predictions:
+            states = [PiSARedialState(
+                z_L=z_l[i:i + 1].float().cpu(), eps_pix=preds["eps_pix"][i:i + 1].float().cpu(),
+                eps_sem=preds["eps_sem"][i:i + 1].float().cpu(),
+                pre=dataclasses.replace(pre, image=pre.image[i:i + 1].cpu()), color_fix=color_fix,
+                vae_tile=vae_tile) for i in range(z_l.shape[0])]
+            if len(states) == 1:
+                extras["redial_state"] = states[0]
+            else:
+                extras["per_image"] = [{"redial_state": st_i} for st_i in states]
         info.update(color_fix=color_fix, processed_size=pre.size, resize_flag=pre.resize_flag)
         extras["info"] = info
         return out
 
     def __call__(self, image, **kwargs) -> SROutput:
         out = super().__call__(image, **kwargs)
-        st = out.extras.get("redial_state")
-        if st is not None and st.image is None:
-            st.image = to_image_data(image)
-            st.outscale = kwargs.get("outscale")
+        many = isinstance(image, (list, tuple))
+        for o, im in zip(out if many else [out], image if many else [image]):
+            st = o.extras.get("redial_state")
+            if st is not None and st.image is None:
+                st.image = to_image_data(im)
+                st.outscale = kwargs.get("outscale")
         return out
 
     def redial(self, state: PiSARedialState, lambda_pix=1.0, lambda_sem=1.0, *, color_fix: Optional[str] = None,
