@@ -26,7 +26,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
-  grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> "$(git rev-parse --git-dir)/info/exclude"
+  EXCLUDE=$(git rev-parse --git-path info/exclude)  # .git/info/exclude (a worktree's is its main checkout's)
+  mkdir -p "$(dirname "$EXCLUDE")"
+  grep -qx "/.whl/" "$EXCLUDE" 2>/dev/null || echo "/.whl/" >> "$EXCLUDE"
   rm -rf .whl && mkdir -p .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
