@@ -657,10 +657,10 @@ def main(argv=None):
         t = time.perf_counter()
         funcs[name](ctx, dtypes)
         print(f"({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+        if args.json:  # after every section: a run stopped by its timeout keeps what it measured
+            Path(args.json).write_text(json.dumps(ROWS, indent=1, default=str))
     summary(ctx)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(ROWS, indent=1, default=str))
     return 0
 
 
