@@ -419,25 +419,33 @@ def section_nan(ctx, dtypes):
         _free(ctx)
 
 
-def section_toggles(ctx, dtypes):
-    import torch
-
+def _variant_table(ctx, section: str, dt: str, title: str, base_name: str):
+    """A table of PiSA-SR default-mode variants against its eager base: ``(pipe, kw, img, base s, show)``."""
     img = inputs(ctx)["photo"]
-    print("\n## toggles: each speed technique off (or on) in turn; PiSA-SR default mode, batch 1", flush=True)
+    print(f"\n## {section}: {title}", flush=True)
     head = f"{'variant':<46} {'dtype':<6} {'ms':>8} {'vs base':>8} {'peak GiB':>9}"
     print(head)
     print("-" * len(head))
-    dt = "bf16" if "bf16" in dtypes else dtypes[0]
     pipe = build_pisa(ctx, dt)
     kw = {"process_size": ctx.args.size, "default_mode": True}
     r0 = measure(lambda: _call(pipe, kw, img), ctx)
     base = r0["s"]
 
     def show(name, s, peak, dtype=dt):
-        _row("toggles", variant=name, dtype=dtype, s=s, peak_gib=peak, vs_base=s / base)
+        _row(section, variant=name, dtype=dtype, s=s, peak_gib=peak, vs_base=s / base)
         print(f"{name:<46} {dtype:<6} {_ms(s)} {s / base:>8.2f} {peak:>9.2f}", flush=True)
 
-    show("base: LoRA fused, pre/post on device, SDPA", base, r0["peak_gib"])
+    show(base_name, base, r0["peak_gib"])
+    return pipe, kw, img, base, show
+
+
+def section_toggles(ctx, dtypes):
+    import torch
+
+    dt = "bf16" if "bf16" in dtypes else dtypes[0]
+    pipe, kw, img, base, show = _variant_table(
+        ctx, "toggles", dt, "each speed technique off (or on) in turn; PiSA-SR default mode, batch 1",
+        "base: LoRA fused, pre/post on device, SDPA")
     pipe.unfuse_lora()
     r = measure(lambda: pipe(img, **kw), ctx)  # default mode through peft's unmerged adapters
     show("LoRA not fused (peft adapters)", r["s"], r["peak_gib"])
@@ -486,24 +494,11 @@ def section_compile(ctx, dtypes):
     """PiSA-SR default eager vs channels_last + torch.compile (``--compile-mode``; reduce-overhead: CUDA graphs)."""
     import torch
 
-    img = inputs(ctx)["photo"]
     mode = ctx.args.compile_mode
-    print(f"\n## compile: PiSA-SR default mode, batch 1, torch.compile(mode={mode!r}) of the UNet and the VAE "
-          "encoder/decoder", flush=True)
-    head = f"{'variant':<46} {'dtype':<6} {'ms':>8} {'vs base':>8} {'peak GiB':>9}"
-    print(head)
-    print("-" * len(head))
     dt = dtypes[0]
-    pipe = build_pisa(ctx, dt)
-    kw = {"process_size": ctx.args.size, "default_mode": True}
-    r0 = measure(lambda: _call(pipe, kw, img), ctx)
-    base = r0["s"]
-
-    def show(name, s, peak, dtype=dt):
-        _row("compile", variant=name, dtype=dtype, s=s, peak_gib=peak, vs_base=s / base)
-        print(f"{name:<46} {dtype:<6} {_ms(s)} {s / base:>8.2f} {peak:>9.2f}", flush=True)
-
-    show("eager (LoRA fused, pre/post on device, SDPA)", base, r0["peak_gib"])
+    pipe, kw, img, base, show = _variant_table(
+        ctx, "compile", dt, f"PiSA-SR default mode, batch 1, torch.compile(mode={mode!r}) of the UNet and the VAE "
+        "encoder/decoder", "eager (LoRA fused, pre/post on device, SDPA)")
     pipe.fuse_lora()
     for m in (pipe.unet, pipe.vae):
         m.to(memory_format=torch.channels_last)

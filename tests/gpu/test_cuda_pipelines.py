@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from helpers.onestep import golden_dir, osediff_pipeline, pisa_pipeline, sd_dir  # noqa: E402
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 
 
 def _image(h=40, w=56, seed=0):
@@ -40,15 +40,6 @@ def _osediff_cuda(dtype):
 
 
 KW = dict(process_size=64)
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """fp32 on CUDA without TF32, so that the CUDA fp32 run is comparable with the CPU one."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def test_auto_dtype_on_cuda_is_bf16_with_a_bf16_vae():

@@ -105,6 +105,9 @@ def _init_ray(address: Optional[str]):
     from ..errors import require
 
     ray = require("ray", "ray")
+    if not logger.isEnabledFor(logging.INFO):  # Ray's own INFO lines only with -v
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return ray, False
     kw: dict = {"log_to_driver": logger.isEnabledFor(logging.DEBUG)}
