@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("realisr.cli.metrics", "list metrics and whether their weights are available"),
     "degrade": ("realisr.cli.degrade", "make LQ images from HQ images with the Real-ESRGAN degradation"),
     "train": ("realisr.cli.train", "train from a YAML recipe (run under `accelerate launch` for many GPUs)"),
+    "serve": ("realisr.cli.serve", "web app with live dials (Gradio; realisr[ui])"),
+    "study": ("realisr.cli.study", "blind pairwise user studies: create, serve, results (Bradley-Terry)"),
 }
 
 

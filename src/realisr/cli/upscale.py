@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
                    help="output format; auto keeps the input's format where it can be written (default)")
     g.add_argument("--suffix", default="out", help="suffix of output names: NAME_SUFFIX.EXT (default: out)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    g.add_argument("--recipe", default=None, metavar="JSON",
+                   help="replay the settings of a recipe (model, dials, painted maps, seed, format), e.g. the one "
+                        "`realisr serve` downloads; other settings flags are then refused")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="refuse inputs with more pixels than this (decompression-bomb guard; default 100 MP or "
                         "$REALISR_MAX_PIXELS; 0 = no limit)")
@@ -195,6 +198,25 @@ def _render_grid(cells: dict, pix: list[float], sem: list[float]):
     return sheet
 
 
+def _apply_recipe(args):
+    """Load ``--recipe`` into ``args`` (model, seed, ext); refuse settings given both ways."""
+    from realisr.errors import RealisrError
+    from realisr.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    given = [f"--{k.replace('_', '-')}" for k in (*METHOD_OPTIONS, "outscale", "tile", "tile_pad", "seed",
+                                                    "lambda_grid") if getattr(args, k, None) is not None]
+    if args.model != "auto":
+        given.insert(0, "-m")
+    if given:
+        raise RealisrError(f"--recipe replays its own settings: drop {', '.join(given)} (or edit the recipe)")
+    args.model = recipe.model
+    args.seed = recipe.seed
+    if args.ext == "auto" and recipe.ext:
+        args.ext = recipe.ext
+    return recipe
+
+
 def run(args) -> int:
     import numpy as np
 
@@ -204,6 +226,7 @@ def run(args) -> int:
     from realisr.progress import TqdmProgress, report
 
     quiet = getattr(args, "quiet", False)
+    recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
     inputs = collect_inputs(args.input, args.recursive)
     if not inputs:
         print("realisr upscale: no images found in the given inputs", file=sys.stderr)
@@ -222,6 +245,8 @@ def run(args) -> int:
         ctor["sd"] = args.sd
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if recipe is not None:
+        call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
     accepted = _accepted_call_args(pipe)
     bad = sorted(k for k in call if k not in accepted)
     if bad:
@@ -231,7 +256,8 @@ def run(args) -> int:
         raise RealisrError(f"--lambda-grid needs a model with the PiSA-SR dials (-m pisa-sr), not {pipe.spec.id}")
     if grid:
         call["keep_predictions"] = True
-    elif hasattr(pipe, "fuse_lora") and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem")):
+    elif (hasattr(pipe, "fuse_lora") and call.get("default_mode") is not False
+          and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem"))):
         pipe.fuse_lora()  # every call is PiSA-SR's default mode: one plain UNet pass, the semantic LoRA merged
     generator = None
     if args.seed is not None:
@@ -253,8 +279,11 @@ def run(args) -> int:
             continue
         try:
             data = read_image(src, **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
-            out = pipe(data, outscale=args.outscale, tile=args.tile, tile_pad=args.tile_pad, callback=progress,
-                       generator=generator, **call)
+            base = {"outscale": args.outscale, "tile": args.tile, "tile_pad": args.tile_pad}
+            if recipe is not None:
+                base, call = recipe.split_call((data.height, data.width) if recipe.maps else None)
+                generator = recipe.generator()  # per image, as the app seeds each run
+            out = pipe(data, callback=progress, generator=generator, **base, **call)
             if grid:
                 pix, sem = grid
                 state = out.extras["redial_state"]
