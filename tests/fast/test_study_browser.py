@@ -198,7 +198,8 @@ def test_two_raters_vote_through_the_browser_and_a_killed_server_loses_nothing(t
             assert bob.page.eval_on_selector("#img-a", "e => e.style.transform") == \
                 bob.page.eval_on_selector("#img-b", "e => e.style.transform")
             bob.page.keyboard.press("l")  # the input on demand
-            wait_until(lambda: bob.page.eval_on_selector("#img-a", "e => e.src").endswith("/lq"), what="the input shown")
+            wait_until(lambda: bob.page.eval_on_selector("#img-a", "e => e.src").endswith("/lq"),
+                       what="the input shown")
             bob.page.keyboard.press("l")
             if os.environ.get("REALISR_UPDATE_SCREENSHOTS"):
                 ann.page.screenshot(path=str(REPO / "docs" / "study.png"))

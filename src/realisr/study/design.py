@@ -105,7 +105,8 @@ def load_study(root) -> Study:
     try:
         obj = json.loads(f.read_text())
     except FileNotFoundError:
-        raise StudyError(f"{root} is not a study folder (no study.json): make one with `realisr study create`") from None
+        raise StudyError(f"{root} is not a study folder (no study.json): make one with "
+                         "`realisr study create`") from None
     except (OSError, ValueError) as e:
         raise StudyError(f"cannot read {f.name} in {root}: {e}") from None
     if obj.get("format") != STUDY_FORMAT:
@@ -250,7 +251,8 @@ def create_study(out, *, bench=None, methods: Optional[dict] = None, lq=None, hq
                     im["bicubic"] = f"images/{iid}/bicubic.png"
             images[iid] = im
         token = secrets.token_urlsafe(24)
-        study = Study(root=out, title=title or f"study of {len(labels)} methods", methods={v: k for k, v in mids.items()},
+        study = Study(root=out, title=title or f"study of {len(labels)} methods",
+                      methods={v: k for k, v in mids.items()},
                       images=images, per_rater=per_rater, repeat_rate=repeat_rate, gold_rate=gold_rate, seed=seed,
                       admin_sha256=hashlib.sha256(token.encode()).hexdigest(),
                       qc={"min_gold_accuracy": min_gold_accuracy, "min_repeat_agreement": min_repeat_agreement,

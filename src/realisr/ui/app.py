@@ -82,7 +82,8 @@ def _component(d: Dial, visible: bool):
     if d.kind == "float" or (d.kind == "int" and d.minimum is not None and d.maximum is not None
                              and d.default is not None):
         return gr.Slider(minimum=d.minimum if d.minimum is not None else 0.0,
-                         maximum=d.maximum if d.maximum is not None else 1.0, step=d.step or (1 if d.kind == "int" else 0.01),
+                         maximum=d.maximum if d.maximum is not None else 1.0,
+                         step=d.step or (1 if d.kind == "int" else 0.01),
                          value=d.default, **common)
     if d.kind in ("int", "seed"):
         return gr.Number(value=d.default, precision=0, minimum=d.minimum, maximum=d.maximum, **common)

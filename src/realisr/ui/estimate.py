@@ -116,7 +116,10 @@ def _grid_latent(spec: ModelSpec, h: int, w: int, values: dict):
     _flag, _size, _up, (fw, fh) = official_sizes(w, h, spec.scale, int(ps))
     lh, lw = max(1, fh // 8), max(1, fw // 8)
     tile = values.get("tile")
-    lt = int(spec.options.get("latent_tile", 96)) if tile is None else (0 if tile == 0 else max(8, int(tile) * spec.scale // 8))
+    if tile is None:
+        lt = int(spec.options.get("latent_tile", 96))
+    else:  # as the pipeline converts input pixels to latents
+        lt = 0 if tile == 0 else max(8, int(tile) * spec.scale // 8)
     plan = latent_tile_plan(lh, lw, lt, int(spec.options.get("latent_overlap", 32)))
     if plan is None:
         return None, fw * fh
