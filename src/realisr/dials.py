@@ -44,6 +44,8 @@ class Dial:
         spatial: the argument also accepts a per-pixel map (PIL / numpy / torch) the size of the input.
         advanced: shown in the "advanced" group.
         only: model ids this dial applies to (empty: every model of the class).
+        requires: registry option keys a model's entry must have for this dial (e.g. ``"fidelity_delta"``: only
+            GAN models with a fidelity delta have the ``fidelity`` dial).
         help: one line for the UI.
     """
 
@@ -59,6 +61,7 @@ class Dial:
     spatial: bool = False
     advanced: bool = False
     only: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
     help: str = ""
 
     def __post_init__(self):
@@ -173,13 +176,15 @@ def _load(path: str):
 
 def dials_for(spec: ModelSpec) -> ModelDials:
     """The full description of a model's dials: the generic ones from its registry entry, then the pipeline
-    class's own (``dials`` class attribute, or ``spec.options["dials"]``), filtered by ``Dial.only``.
+    class's own (``dials`` class attribute, or ``spec.options["dials"]``), filtered by ``Dial.only`` and
+    ``Dial.requires``.
 
     Importing the pipeline class is cheap (pipeline modules import torch and diffusers lazily).
     """
     ref = spec.options.get("dials")
     own = _load(ref) if ref else getattr(spec.pipeline_class(), "dials", None)
     own = own if isinstance(own, ModelDials) else ModelDials()
-    method = [d for d in own.dials if not d.only or spec.id in d.only]
+    method = [d for d in own.dials if (not d.only or spec.id in d.only)
+              and all(spec.options.get(k) for k in d.requires)]
     generic = [g for g in _generic(spec, own.redial is not None) if g.name not in {d.name for d in method}]
     return replace(own, dials=tuple(generic + method))

@@ -59,3 +59,17 @@ def test_dial_values_are_coerced_and_checked():
         Dial("x", "X", "slider")
     with pytest.raises(ValueError):
         Dial("p", "P", "text", spatial=True)
+
+
+def test_the_fidelity_dial_appears_for_gan_models_with_a_delta():
+    """The GAN description's `fidelity` dial (from the ea-adam work) shows only where a registry entry names a
+    fidelity delta; it is spatial (the brush) and not cheap (each change is a forward pass)."""
+    from dataclasses import replace
+
+    base = REGISTRY["realsr-df2k-x4"]
+    assert "fidelity" not in dials_for(replace(base, options={})).names()
+    with_delta = replace(base, options={**base.options, "fidelity_delta": "x.safetensors"})
+    d = dials_for(with_delta)
+    f = d.get("fidelity")
+    assert f is not None and f.spatial and not f.cheap and (f.minimum, f.maximum, f.default) == (0.0, 1.0, 0.0)
+    assert d.redial is None

@@ -245,9 +245,9 @@ def run(args) -> int:
         ctor["sd"] = args.sd
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
-    if recipe is not None:
-        call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
     accepted = _accepted_call_args(pipe)
+    if recipe is not None:  # (settings flags were refused in _apply_recipe)
+        call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
     bad = sorted(k for k in call if k not in accepted)
     if bad:
         raise RealisrError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} not supported by model "
