@@ -191,8 +191,10 @@ def build_app(engine: Engine):
                             spatial0 = [n for n in spatial_all if n in own0]
                             brush_dial = gr.Dropdown(choices=spatial0, value=spatial0[-1] if spatial0 else None,
                                                      label="Painted dial", elem_id="brush-dial", interactive=True)
-                            brush_value = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Value inside the region",
-                                                    elem_id="brush-value")
+                            b0 = engine.dials(model0).get(spatial0[-1]) if spatial0 else None
+                            brush_value = gr.Slider(b0.minimum if b0 else 0.0, b0.maximum if b0 else 1.0,
+                                                    value=b0.minimum if b0 else 0.0, step=(b0.step if b0 else 0.05),
+                                                    label="Value inside the region", elem_id="brush-value")
                         estimate = gr.Markdown(est_md(model0, None, []), elem_id="estimate")
                         with gr.Row():
                             run = gr.Button("Run", variant="primary", elem_id="run")
@@ -256,8 +258,18 @@ def build_app(engine: Engine):
             sp = d.spatial_names()
             defaults = [mine[n].default if n in mine else None for n in names]
             return (status_md(model_id), *ups, gr.update(visible=bool(sp)),
-                    gr.update(choices=sp, value=sp[-1] if sp else None),
+                    gr.update(choices=sp, value=sp[-1] if sp else None), brush_range(model_id, sp[-1] if sp else None),
                     est_md(model_id, current(s, key), defaults))
+
+        def brush_range(model_id, name):
+            """The region value's slider takes the painted dial's range (starting at its minimum)."""
+            x = engine.dials(model_id).get(name) if name else None
+            if x is None:
+                return gr.update()
+            return gr.update(minimum=x.minimum, maximum=x.maximum, step=x.step, value=x.minimum)
+
+        def on_brush_dial(model_id, name):
+            return brush_range(model_id, name)
 
         def on_estimate(request: gr.Request, model_id, key, *vals):
             return est_md(model_id, current(session(request), key), vals)
@@ -361,7 +373,7 @@ def build_app(engine: Engine):
         live_outputs = [result, info, dl, dl_recipe]
         files.upload(on_upload, [files, model, *dial_list], [pick, editor, estimate])
         pick.input(on_pick, [pick, model, *dial_list], [editor, estimate])
-        model.input(on_model, [model, pick], [status, *dial_list, paint_box, brush_dial, estimate])
+        model.input(on_model, [model, pick], [status, *dial_list, paint_box, brush_dial, brush_value, estimate])
         for c in dial_list:
             c.change(on_estimate, [model, pick, *dial_list], [estimate])
             c.input(on_live, live_inputs, live_outputs, trigger_mode="always_last", **heavy)
@@ -369,8 +381,9 @@ def build_app(engine: Engine):
         gr.on([editor.input, editor.apply, editor.clear], on_paint, [editor, pick], None,
               trigger_mode="always_last").then(on_live, live_inputs, live_outputs, trigger_mode="always_last",
                                                 **heavy)
-        for c in (brush_dial, brush_value):
-            c.input(on_live, live_inputs, live_outputs, trigger_mode="always_last", **heavy)
+        brush_dial.input(on_brush_dial, [model, brush_dial], [brush_value]).then(
+            on_live, live_inputs, live_outputs, trigger_mode="always_last", **heavy)
+        brush_value.input(on_live, live_inputs, live_outputs, trigger_mode="always_last", **heavy)
         run.click(on_run, live_inputs, live_outputs, **heavy)
         cancel.click(on_cancel, None, None, queue=False)
         fmt.input(on_format, [fmt], [dl, dl_recipe])
