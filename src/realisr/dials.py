@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from .registry import ModelSpec
 
-__all__ = ["Dial", "ModelDials", "dials_for", "KINDS"]
+__all__ = ["Dial", "ModelDials", "dials_for", "KINDS", "POSTERIOR_SEED"]
 
 #: Kinds of dial: a number (``float``/``int``), one of ``choices``, free ``text``, a ``seed`` (int; fed to the
 #: call as ``generator=torch.Generator().manual_seed(seed)``) or a ``bool``.
@@ -46,6 +46,8 @@ class Dial:
         only: model ids this dial applies to (empty: every model of the class).
         requires: registry option keys a model's entry must have for this dial (e.g. ``"fidelity_delta"``: only
             GAN models with a fidelity delta have the ``fidelity`` dial).
+        sets: call arguments that go with any value of this dial (e.g. a seed of the one-step models samples
+            the VAE posterior: ``{"sample_posterior": True}``).
         help: one line for the UI.
     """
 
@@ -62,6 +64,7 @@ class Dial:
     advanced: bool = False
     only: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    sets: dict = field(default_factory=dict)
     help: str = ""
 
     def __post_init__(self):
@@ -95,10 +98,12 @@ class Dial:
             raise ValueError(f"{self.name} must be one of {', '.join(lab for lab, _ in self.options())}, got {v!r}")
         if v is None or (isinstance(v, str) and v.strip() == "" and self.kind != "text"):
             return None
-        if self.kind in ("int", "seed"):
-            return int(round(float(v)))
-        if self.kind == "float":
-            return float(v)
+        if self.kind in ("int", "seed", "float"):
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.name} must be a number, got {v!r}") from None
+            return f if self.kind == "float" else int(round(f))
         if self.kind == "bool":
             return bool(v)
         return str(v)
@@ -150,6 +155,12 @@ class ModelDials:
     def spatial_names(self) -> list[str]:
         return [d.name for d in self.dials if d.spatial]
 
+
+#: The one-step diffusion models' seed: empty = the VAE posterior's mode (realisr's default); a number samples the
+#: posterior with that seed, as the official scripts do (``realisr upscale --seed``).
+POSTERIOR_SEED = Dial("seed", "Seed (empty: no sampling)", "seed", default=None, advanced=True,
+                      sets={"sample_posterior": True},
+                      help="sample the VAE posterior with this seed, as the official scripts do")
 
 _COLOR_FIXES = ("adain", "wavelet", "none")
 _TILES = (64, 128, 192, 256, 384, 512, 768, 1024)

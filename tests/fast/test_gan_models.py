@@ -38,7 +38,7 @@ def test_spandrel_detects_architecture_and_scale(model_id):
     spec = _need(model_id)
     desc = load_gan_descriptor(spec)
     assert desc.architecture.id == {"RRDBNet": "ESRGAN", "SRVGGNetCompact": "Compact"}[spec.arch]
-    assert desc.scale == spec.scale == 4
+    assert desc.scale == spec.options.get("network_scale", spec.scale) == 4  # x2/x3: the x4 net + a resize
     assert desc.input_channels == desc.output_channels == 3
     if spec.arch == "RRDBNet":
         assert f"{spec.arch_kwargs['num_blocks']}nb" in desc.tags

@@ -156,7 +156,7 @@ def _crop_box(img: np.ndarray, size: int, rng: np.random.Generator, candidates: 
 
 def bicubic_down(hq: np.ndarray, scale: int = 4) -> np.ndarray:
     """MATLAB ``imresize(hq, 1/scale)`` (bicubic, antialiased), rounded to uint8."""
-    from ..metrics.niqe import matlab_imresize
+    from ..metrics.niqe_core import matlab_imresize
 
     planes = [matlab_imresize(hq[..., c].astype(np.float32) / 255.0, 1.0 / scale) for c in range(3)]
     return np.clip(np.rint(np.stack(planes, axis=2) * 255.0), 0, 255).astype(np.uint8)
@@ -310,7 +310,7 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
         "folders": {"HQ": "HQ", **{k: f"LQ/{v}" for k, v in folders.items() if k in degradations
                                    and (k != "realesrgan" or deg is not None)}},
         "degradations": {
-            "bicubic": "MATLAB imresize bicubic with antialiasing (realisr.metrics.niqe.matlab_imresize), 8-bit",
+            "bicubic": "MATLAB imresize bicubic with antialiasing (realisr.metrics.niqe_core.matlab_imresize), 8-bit",
             "bnj": "Gaussian blur sigma~U[0.2,2.0] -> bicubic down -> Gaussian noise sigma~U[1,10]/255 -> "
                    "JPEG quality~U{40..90} (Pillow); numpy default_rng(seed + [1])",
             "realesrgan": deg_note},

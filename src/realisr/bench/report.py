@@ -43,32 +43,45 @@ def _best(values: list, higher: bool) -> Optional[float]:
     return max(vals) if higher else min(vals)
 
 
+def _has_values(summary: dict, mid: str) -> bool:
+    return any(isinstance(v := _value(m, mid), (int, float)) and math.isfinite(v) for m in summary["methods"])
+
+
 def pd_axes(summary: dict) -> Optional[tuple[str, str]]:
-    """The perception-distortion plot's ``(x metric, y metric)``: PSNR vs LPIPS (or the first available
-    perceptual metric) with references, NIQE vs MUSIQ/MANIQA/CLIPIQA (or seconds) without."""
-    avail = [m for m, i in summary["metrics"].items() if i.get("available")]
+    """The perception-distortion plot's ``(x metric, y metric)``: PSNR vs LPIPS (or the next perceptual metric)
+    with references, NIQE vs MUSIQ/MANIQA/CLIPIQA without; a metric is used only when some method has a value
+    for it, and a lone metric is plotted against the seconds per image (or against the method order)."""
+    avail = [m for m, i in summary["metrics"].items() if i.get("available") and _has_values(summary, m)]
+    no_ref = [m for m in avail if summary["metrics"][m].get("kind") == "no-reference"]
+    second = "seconds" if _has_values(summary, "seconds") else None
     if "psnr" in avail:
-        for y in ("lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa", "ssim"):
+        for y in ("lpips", "dists", *no_ref, "ssim"):
             if y in avail:
                 return "psnr", y
-        return "psnr", "seconds"
-    for x in ("niqe", "musiq", "maniqa", "clipiqa"):
-        if x in avail:
-            for y in ("musiq", "maniqa", "clipiqa", "niqe"):
-                if y in avail and y != x:
-                    return x, y
-            return x, "seconds"
+        return ("psnr", second) if second else ("method", "psnr")
+    preferred = ("niqe", "musiq", "maniqa", "clipiqa")
+    order = [m for m in preferred if m in no_ref] + [m for m in no_ref if m not in preferred]
+    rest = [m for m in avail if m not in order and summary["metrics"][m].get("kind") != "set"]
+    for x in order + rest:
+        for y in order + rest:
+            if y != x:
+                return x, y
+        return (x, second) if second else ("method", x)
     return None
 
 
 def _axis_label(summary: dict, mid: str) -> str:
     if mid == "seconds":
         return "seconds / image ↓"
+    if mid == "method":
+        return "method (order of -m)"
     info = summary["metrics"][mid]
     return f"{info['label']} {'↑' if info['higher_is_better'] else '↓'}"
 
 
-def _value(method: dict, mid: str):
+def _value(method: dict, mid: str, index: int = 0):
+    if mid == "method":
+        return float(index + 1)
     return method.get("seconds_per_image") if mid == "seconds" else method["means"].get(mid)
 
 
@@ -84,7 +97,7 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def svg_plot(summary: dict, x: str, y: str, width: int = 640, height: int = 420) -> str:
     """An inline SVG scatter plot, one point per method setting; grid sweeps are joined as curves."""
-    pts = [(m, _value(m, x), _value(m, y)) for m in summary["methods"]]
+    pts = [(m, _value(m, x, i), _value(m, y, i)) for i, m in enumerate(summary["methods"])]
     pts = [(m, a, b) for m, a, b in pts if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     ml, mr, mt, mb = 64, 20, 20, 48
     out = [f'<svg id="pd-plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

@@ -212,6 +212,7 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
         except (OSError, ValueError):
             meta = {}
     seconds: dict = dict(meta.get("seconds", {}))
+    tags: dict = dict(meta.get("tags", {}))  # image -> the tag string a tagging method used (OSEDiff's DAPE)
     todo = [p for p in pairs if not (folder / f"{p.name}.png").is_file()]
     pipe = None
     if todo:
@@ -246,6 +247,8 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                 t0 = time.perf_counter()
                 res = pipe(lq_f, generator=gen, **kwargs)
                 seconds[p.name] = time.perf_counter() - t0
+                if res.info.get("tags") is not None:
+                    tags[p.name] = res.info["tags"]
                 _save_png(out, res.image.pixels)
             except Exception as e:  # noqa: BLE001 - per-image failures are listed, not fatal
                 msg = _one_line(e)
@@ -253,8 +256,16 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                 failures.append({"method": setting.label, "image": p.name, "stage": "upscale", "error": msg})
         step[0] += 1
         report(callback, "bench", step[0], total, f"{setting.label}: {p.name}")
-    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds})
+    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds, "tags": tags})
     return seconds
+
+
+def _method_tags(folder: Path) -> dict:
+    """image -> tag string recorded by :func:`_run_method` (empty for untagged methods)."""
+    try:
+        return dict(json.loads((folder / "setting.json").read_text()).get("tags", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 # -- the metric stage -------------------------------------------------------------------------------------
@@ -279,7 +290,7 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
             entry.update(available=False, detail=st.detail if st.missing else str(e),
                          missing=[list(x) for x in st.missing])
             info[mid] = entry
-            logger.warning("%s", e)
+            logger.debug("%s", e)  # said once before the run (_preflight)
             continue
         except Exception as e:  # noqa: BLE001 - a broken metric must not stop the run
             entry.update(available=False, detail=_one_line(e))
@@ -290,6 +301,63 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
         info[mid] = entry
         (per if m.per_image else sets)[mid] = m
     return per, sets, info
+
+
+def _output_scale(setting: MethodSetting) -> Optional[float]:
+    """The SR/LQ size ratio of a setting when it is known without loading the model."""
+    from ..registry import REGISTRY
+
+    if setting.call_kwargs.get("outscale") is not None:
+        return float(setting.call_kwargs["outscale"])
+    spec = REGISTRY.get(setting.model)
+    return float(spec.scale) if spec is not None else None
+
+
+def _image_size(path: Path) -> Optional[tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except OSError:
+        return None
+
+
+def _preflight(settings, pairs, metric_ids, paired: bool, cfg: BenchConfig) -> None:
+    """Say once, before any work, which metrics will be unavailable and which images are too small for NIQE."""
+    from ..metrics.niqe_core import niqe_min_size
+    from ..metrics.registry import get_metric_spec, metric_status
+
+    for mid in metric_ids:
+        spec = get_metric_spec(mid)
+        if spec.needs_reference and not paired:
+            logger.warning("%s needs HQ references (--hq): not measured", mid)
+            continue
+        st = metric_status(spec)
+        if not st.available:
+            logger.warning("%s is unavailable: %s", mid, st.detail)
+    niqe_ids = [m for m in metric_ids if get_metric_spec(m).factory.endswith(":NIQEMetric")]
+    if not niqe_ids:
+        return
+    min_h, min_w = niqe_min_size(border=cfg.border)
+    small, example = 0, None
+    for p in pairs:
+        size = _image_size(p.lq)
+        if size is None:
+            continue
+        for s in settings:
+            scale = _output_scale(s)
+            if scale is None:
+                continue
+            w, h = round(size[0] * scale), round(size[1] * scale)
+            if min(h, w) < min_h or max(h, w) < min_w:  # NIQE needs two 96x96 blocks (either orientation)
+                small += 1
+                example = example or f"{p.name}: {w}x{h} from {s.label}"
+    if small:
+        logger.warning("%s needs SR images of at least %dx%d pixels (two 96x96 blocks%s): %d of %d outputs are "
+                       "smaller (e.g. %s) and get no %s value", "/".join(niqe_ids), min_w, min_h,
+                       f" after the {cfg.border}-pixel crop" if cfg.border else "", small,
+                       len(pairs) * len(settings), example, "/".join(niqe_ids))
 
 
 def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent], None]] = None) -> dict:
@@ -324,6 +392,7 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
     for mid in metric_ids:
         get_metric_spec(mid)  # unknown ids fail before any work
     failures: list = [{"method": "-", "image": s.split(":")[0], "stage": "pairing", "error": s} for s in problems]
+    _preflight(settings, pairs, metric_ids, paired, cfg)
 
     # 1. SR outputs (cached)
     total = len(settings) * len(pairs)
@@ -350,11 +419,14 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         for m in sets.values():
             m.reset()
         n_set = 0
+        tags = _method_tags(cfg.out_dir / "sr" / s.slug)
         for p in pairs:
             k += 1
             sr_path = cfg.out_dir / "sr" / s.slug / f"{p.name}.png"
             row = {"method": s.label, "model": s.model, "settings": json.dumps(s.call_kwargs, sort_keys=True),
                    "image": p.name, "seconds": seconds[s.slug].get(p.name)}
+            if p.name in tags:
+                row["tags"] = tags[p.name]
             if not sr_path.is_file():
                 report(callback, "metrics", k, mtotal, f"{s.label}: {p.name}")
                 continue
@@ -417,6 +489,9 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         d = s.to_json()
         d.update(n_images=len(pairs), n_ok=len(mine), means=means,
                  seconds_per_image=float(np.mean(secs)) if secs else None)
+        tagged = {r["image"]: r["tags"] for r in mine if "tags" in r}
+        if tagged:
+            d["tags"] = tagged
         methods_out.append(d)
     summary = _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start)
     _write_csv(cfg.out_dir / "results.csv", rows, [m for m in available if m in per])
@@ -455,7 +530,8 @@ def _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_s
 
 
 def _write_csv(path: Path, rows: list, metric_cols: list) -> None:
-    cols = ["method", "model", "settings", "image", "seconds"] + metric_cols
+    cols = ["method", "model", "settings", "image", "seconds"] + (["tags"] if any("tags" in r for r in rows) else []) \
+        + metric_cols
     fd, tmp = tempfile.mkstemp(prefix="results.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

@@ -73,9 +73,9 @@ def run(args) -> int:
                 vals.append(f"{v:9.4f}" if isinstance(v, float) else f"{'-':>9}")
             sp = m.get("seconds_per_image")
             print(f"{m['label']:<{w}}  " + "  ".join(vals) + (f"  {sp:.3f}" if sp is not None else "  -"))
-        for mid, i in summary["metrics"].items():
-            if not i["available"]:
-                print(f"unavailable: {mid}: {i['detail']}", file=sys.stderr)
+        missing = [mid for mid, i in summary["metrics"].items() if not i["available"]]
+        if missing:  # each was explained once before the run; here only the list
+            print(f"not measured: {', '.join(missing)} (why: summary.json or `realisr metrics`)", file=sys.stderr)
         if summary["failures"]:
             print(f"{len(summary['failures'])} failure(s), listed in {args.out / 'summary.json'}", file=sys.stderr)
         print(f"wrote {args.out / 'results.csv'}, {args.out / 'summary.json'}"

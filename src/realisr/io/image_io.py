@@ -482,8 +482,11 @@ def write_image(path: PathLike, data: ImageData, *, overwrite: bool = False, fmt
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a folder: give a file name")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists: pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(f"output {path} exists: pass --overwrite to replace it")
     if bit_depth is None:
+        if data.bit_depth == 16 and fmt_name not in _SIXTEEN_BIT_FORMATS:
+            logger.warning("%s: %s holds 8 bits per channel, so the 16-bit image is written with 8 (use a .png or "
+                           ".tif output, --ext png/tif, to keep 16 bits)", path.name, fmt_name)
         bit_depth = 16 if data.bit_depth == 16 and fmt_name in _SIXTEEN_BIT_FORMATS else 8
         if bit_depth == 16 and not _can_write_16bit(data, fmt_name):
             logger.warning("writing %s with 8 bits per channel: 16-bit colour needs OpenCV "
@@ -553,11 +556,11 @@ def _commit(tmp: str, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputExistsError(f"output {path} exists: pass --overwrite (overwrite=True) to replace it") from None
+        raise OutputExistsError(f"output {path} exists: pass --overwrite to replace it") from None
     except OSError:
         if path.exists():
             raise OutputExistsError(
-                f"output {path} exists: pass --overwrite (overwrite=True) to replace it") from None
+                f"output {path} exists: pass --overwrite to replace it") from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)

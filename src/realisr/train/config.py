@@ -6,7 +6,7 @@ typo or a wrong type in the YAML or in ``--set`` fails before anything heavy is 
 names the key. ``--set`` values are parsed as YAML scalars/lists (``--set train.max_steps=10``,
 ``--set data.hq=[a/,b.txt]``, ``--set loss.lpips=0``).
 
-Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``) live in ``realisr/train/recipes/*.yaml`` and can be
+Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``, ``dape``, ``dape-tiny-cpu``) live in ``realisr/train/recipes/*.yaml`` and can be
 named instead of a path.
 """
 
@@ -30,6 +30,7 @@ __all__ = [
     "ValidationConfig",
     "PiSASRConfig",
     "OSEDiffConfig",
+    "DAPEConfig",
     "load_recipe",
     "builtin_recipes",
     "apply_overrides",
@@ -208,6 +209,44 @@ class OSEDiffConfig:
 
 
 @dataclass
+class DAPEConfig:
+    """DAPE (SeeSR stage 1: RAM + LoRA trained to see through degradations) specifics.
+
+    Attributes:
+        ram, tag_list: ``ram_swin_large_14m.pth`` and ``ram_tag_list.txt`` (``null``: searched like the tagger:
+            ``ram_dir``, ``$REALISR_WEIGHTS/ram/``, ``$REALISR_WEIGHTS/``).
+        ram_dir: a folder holding the RAM files (SeeSR's ``ram/`` layout; ``configs/`` inside it is used).
+        config_dir: folder with ``q2l_config.json`` and ``swin/config_swinL_384.json`` (``null``: next to the
+            files, else the official configs shipped with realisr).
+        paired: official pre-made pairs: roots holding ``gt/`` and ``sr_bicubic/`` (paired by file name);
+            empty: pairs are made on the fly from ``data.hq`` with ``data.degradation``.
+        image_size: both images are resized to this square first (official 512), then to RAM's 384.
+        lora_rank, lora_alpha: loralib LoRA (official 8 and 1).
+        feature_weight, logits_weight: weights of the embedding MSE and the soft-label BCE (official 1, 1).
+        lr_milestones, lr_gamma: MultiStepLR (official [20000, 30000], 0.5).
+        warmup_steps: linear learning-rate warm-up (BasicSR ``warmup_iter``, official 50).
+        drop_path_rate: the student's Swin stochastic depth (official 0.1).
+        dropout: the student's tagging-head dropout (``null``: the q2l config's, 0.1 officially).
+    """
+
+    ram: Optional[str] = None
+    tag_list: Optional[str] = None
+    ram_dir: Optional[str] = None
+    config_dir: Optional[str] = None
+    paired: list = field(default_factory=list)
+    image_size: int = 512
+    lora_rank: int = 8
+    lora_alpha: float = 1.0
+    feature_weight: float = 1.0
+    logits_weight: float = 1.0
+    lr_milestones: list = field(default_factory=lambda: [20000, 30000])
+    lr_gamma: float = 0.5
+    warmup_steps: int = 50
+    drop_path_rate: float = 0.1
+    dropout: Optional[float] = None
+
+
+@dataclass
 class RecipeConfig:
     """A whole training recipe."""
 
@@ -221,6 +260,7 @@ class RecipeConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     pisa_sr: PiSASRConfig = field(default_factory=PiSASRConfig)
     osediff: OSEDiffConfig = field(default_factory=OSEDiffConfig)
+    dape: DAPEConfig = field(default_factory=DAPEConfig)
 
     def validate(self) -> "RecipeConfig":
         """Check values that types alone cannot (ranges, choices). Returns self; raises RecipeError."""
@@ -228,7 +268,8 @@ class RecipeConfig:
             if not ok:
                 raise RecipeError(f"recipe: {msg}")
 
-        need(self.method in ("pisa-sr", "osediff"), f"method must be 'pisa-sr' or 'osediff', got {self.method!r}")
+        need(self.method in ("pisa-sr", "osediff", "dape"),
+             f"method must be 'pisa-sr', 'osediff' or 'dape', got {self.method!r}")
         need(self.train.mixed_precision in ("no", "fp16", "bf16"),
              f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}")
         need(self.train.max_steps > 0, "train.max_steps must be > 0")
@@ -246,6 +287,9 @@ class RecipeConfig:
         need(0 <= self.pisa_sr.pix_steps, "pisa_sr.pix_steps must be >= 0")
         for k in ("l2", "lpips", "csd", "vsd", "vsd_lora"):
             need(getattr(self.loss, k) >= 0, f"loss.{k} must be >= 0")
+        need(self.dape.image_size >= 8 and self.dape.lora_rank >= 1 and self.dape.warmup_steps >= 0,
+             "dape.image_size must be >= 8, dape.lora_rank >= 1 and dape.warmup_steps >= 0")
+        need(self.dape.feature_weight >= 0 and self.dape.logits_weight >= 0, "dape loss weights must be >= 0")
         return self
 
 

@@ -57,12 +57,17 @@ def load_sd_components(pretrained: str) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_pretrained(pretrained)
+
+    def st(sub: str) -> dict:  # safetensors where the folder has them; never the network
+        return {"local_files_only": True,
+                **({"use_safetensors": True} if any(Path(root, sub).glob("*.safetensors")) else {})}
+
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae"),
-        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
-        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **st("text_encoder")),
+        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", **st("vae")),
+        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", **st("unet")),
+        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
     }
 
 
@@ -184,15 +189,7 @@ class BaseTrainer:
         files = list_sources(cfg.data.hq)
         captions = load_captions(cfg.data.captions)
         self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, captions)
-        need = cfg.data.batch_size * self.accelerator.num_processes
-        if len(self.dataset) < need:
-            raise TrainingError(f"{len(self.dataset)} training images for a global batch of {need}: add images, "
-                                "raise their repeat factor or lower data.batch_size")
-        g = torch.Generator().manual_seed(cfg.seed)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
-            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-        self.dataloader = self.accelerator.prepare(loader)
+        self.dataloader = self.make_dataloader(self.dataset, "add images, raise their repeat factor")
         self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device)
         # validation: fixed crops and a fixed degradation, made once
         self._val = None
@@ -205,6 +202,23 @@ class BaseTrainer:
             vg = torch.Generator(self.device).manual_seed(cfg.validation.seed)
             lq = self.lq_maker(hq, generator=vg).cpu()
             self._val = {"hq": hq, "lq": lq, "captions": [it["caption"] for it in items]}
+
+    def make_dataloader(self, dataset, hint: str = "add images"):
+        """The shuffled, seeded, prepared training loader of ``dataset`` (full batches only).
+
+        Raises:
+            TrainingError: fewer images than one global batch (``hint`` says what to add).
+        """
+        cfg = self.cfg
+        need = cfg.data.batch_size * self.accelerator.num_processes
+        if len(dataset) < need:
+            raise TrainingError(f"{len(dataset)} training images for a global batch of {need}: {hint} or lower "
+                                "data.batch_size")
+        g = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
+            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+        return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
@@ -397,7 +411,6 @@ class BaseTrainer:
         ``<name>.safetensors`` is the same content in the format of ``realisr convert``.
         """
         from realisr.weights.cache import atomic_save_file
-        from realisr.weights.official import save_pkl, save_safetensors
 
         from accelerate.utils import gather_object
 
@@ -412,9 +425,7 @@ class BaseTrainer:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
-            official = self.official_checkpoint()
-            save_pkl(official, tmp / f"{self.checkpoint_name}.pkl")
-            save_safetensors(official, tmp / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+            self.write_official_files(tmp)
             atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
@@ -427,6 +438,15 @@ class BaseTrainer:
             logger.info("checkpoint written: %s", folder)
         acc.wait_for_everyone()
         return folder
+
+    def write_official_files(self, folder: Path) -> None:
+        """Write the checkpoint in the official layout into ``folder``: ``<name>.pkl`` and the same content as
+        ``<name>.safetensors`` (PiSA-SR / OSEDiff)."""
+        from realisr.weights.official import save_pkl, save_safetensors
+
+        official = self.official_checkpoint()
+        save_pkl(official, folder / f"{self.checkpoint_name}.pkl")
+        save_safetensors(official, folder / f"{self.checkpoint_name}.safetensors")  # validates the layout too
 
     def _prune_checkpoints(self) -> None:
         keep = self.cfg.train.keep_checkpoints

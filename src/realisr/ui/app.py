@@ -85,6 +85,8 @@ def _component(d: Dial, visible: bool):
                          maximum=d.maximum if d.maximum is not None else 1.0,
                          step=d.step or (1 if d.kind == "int" else 0.01),
                          value=d.default, **common)
+    if d.kind in ("int", "seed") and d.default is None:  # empty = not passed (a Number would send 0)
+        return gr.Textbox(value="", placeholder="empty: none", lines=1, **common)
     if d.kind in ("int", "seed"):
         return gr.Number(value=d.default, precision=0, minimum=d.minimum, maximum=d.maximum, **common)
     if d.kind == "choice":
@@ -254,7 +256,7 @@ def build_app(engine: Engine):
                     ups.append(gr.update(visible=True, choices=[lab for lab, _ in x.options()],
                                          value=x.label_of(x.default), label=x.label))
                 else:
-                    ups.append(gr.update(visible=True, value=x.default, label=x.label))
+                    ups.append(gr.update(visible=True, value="" if x.default is None else x.default, label=x.label))
             sp = d.spatial_names()
             defaults = [mine[n].default if n in mine else None for n in names]
             return (status_md(model_id), *ups, gr.update(visible=bool(sp)),

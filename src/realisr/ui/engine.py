@@ -287,6 +287,8 @@ class Engine:
         seed = None
         for dial in d.dials:
             v = _coerce(dial, values.get(dial.name, dial.default))
+            if v is not None:
+                args.update(dial.sets)
             if dial.kind == "seed":
                 seed = v
             elif v is not None:

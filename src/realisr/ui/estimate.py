@@ -29,6 +29,7 @@ class Limits:
         max_upload_mb: largest uploaded file.
         max_files: most files in one upload (the batch tab).
         memory_fraction: the share of the free memory a run may plan to use.
+        check_memory: refuse runs whose estimate exceeds that share (off: only the pixel limits refuse).
     """
 
     max_pixels: int = 4_000_000
@@ -36,6 +37,7 @@ class Limits:
     max_upload_mb: float = 50.0
     max_files: int = 32
     memory_fraction: float = 0.9
+    check_memory: bool = True
 
 
 def format_bytes(n: float) -> str:
@@ -171,7 +173,7 @@ def estimate_run(spec: ModelSpec, dials: ModelDials, width: int, height: int, va
     elif out_w * out_h > limits.max_output_pixels:
         est.refused = (f"the output would be {out_w} x {out_h} = {out_w * out_h:,} pixels, over this server's limit "
                        f"of {limits.max_output_pixels:,}: lower the output scale")
-    elif available and peak > available * limits.memory_fraction:
+    elif limits.check_memory and available and peak > available * limits.memory_fraction:
         hint = "set a smaller tile (Advanced)" if dials.grid == "pixel" or grid is None else "use a smaller image"
         est.refused = (f"it needs about {format_bytes(peak)} of memory and {dev} has "
                        f"{format_bytes(available)} free: {hint} or a smaller output scale")

@@ -6,6 +6,7 @@ import logging
 from typing import Optional
 
 from ...dials import Dial, ModelDials
+from ...progress import report
 from ...registry import ModelSpec, WeightSource
 from ...tiling import auto_tile_size, balanced_tile, run_with_oom_retry, tiled_forward
 from ..base import SRPipeline
@@ -17,6 +18,26 @@ __all__ = ["GANPipeline"]
 # Peak working memory per input pixel, measured for RRDBNet x4 in fp32 on CPU (activations of the
 # 64-channel trunk at input resolution plus the x4 upsampling head); compact nets need less.
 _BYTES_PER_PIXEL = {"RRDBNet": 24_000, "SRVGGNetCompact": 6_000}  # ~2x the measured working memory
+
+
+def _progress_blocks(model) -> list:
+    """The repeated blocks of a network (RRDB blocks, the convolutions of a compact net, Swin stages...): the
+    largest run of same-type children of one ``Sequential``/``ModuleList``, at least 4; ``[]`` if none."""
+    from collections import Counter
+
+    import torch.nn as nn
+
+    best: list = []
+    for mod in model.modules():
+        if not isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            continue
+        kids = list(mod.children())
+        if len(kids) < 4:
+            continue
+        cls, n = Counter(type(k) for k in kids).most_common(1)[0]
+        if n >= 4 and n > len(best):
+            best = [k for k in kids if type(k) is cls]
+    return best
 
 
 class GANPipeline(SRPipeline):
@@ -72,6 +93,13 @@ class GANPipeline(SRPipeline):
             self._call = torch.compile(self.model, options={"freezing": True})
         self.size_multiple = max(1, int(getattr(descriptor.size_requirements, "multiple_of", 1) or 1),
                                  spec.size_multiple)
+        # Models whose published graph resizes the network's output (animevideov3 x2/x3: the x4 network, then
+        # a bicubic resize, as the ncnn files do), applied per tile like the ncnn graph.
+        self.network_scale = int(descriptor.scale)
+        self._blocks = [] if compile else _progress_blocks(self.model)
+        self._block_callback = None
+        for i, block in enumerate(self._blocks):
+            block.register_forward_hook(self._block_hook(i))
 
     @classmethod
     def from_file(cls, path, device=None, dtype=None, **kwargs) -> "GANPipeline":
@@ -88,6 +116,13 @@ class GANPipeline(SRPipeline):
                          description=f"{arch} loaded from {path}")
         return cls(spec, device=device, dtype=dtype, descriptor=desc, **kwargs)
 
+    def _block_hook(self, i: int):
+        def hook(module, inputs, output):
+            cb = self._block_callback
+            if cb is not None:
+                cb(i + 1, len(self._blocks))
+        return hook
+
     # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
     # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
     dials = ModelDials(dials=(
@@ -98,10 +133,15 @@ class GANPipeline(SRPipeline):
 
     def _forward(self, x):
         import torch
+        import torch.nn.functional as F
 
         if self.channels_last and self._fast is None:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._call(x)
+        y = self._call(x)
+        if self.network_scale != self.scale:
+            size = (x.shape[-2] * self.scale, x.shape[-1] * self.scale)
+            y = F.interpolate(y, size=size, mode="bicubic", align_corners=False)
+        return y
 
     def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
                      **kwargs):
@@ -120,6 +160,11 @@ class GANPipeline(SRPipeline):
                                  size_multiple=self.size_multiple, device=self.device, dtype=self.dtype,
                                  callback=callback, stage="tiles")
 
+        if callback is not None and self._blocks:  # progress inside a tile: one event per block of the network
+            def blocks(done: int, total: int) -> None:
+                report(callback, "blocks", done, total)
+            self._block_callback = blocks
+
         threads = torch.get_num_threads()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -128,5 +173,6 @@ class GANPipeline(SRPipeline):
                 y, used = (run_with_oom_retry(run, tile, device=self.device) if tile else (run(0), 0))
         finally:
             torch.set_num_threads(threads)
+            self._block_callback = None
         extras["info"] = {"tile": used, "tile_pad": pad, "winograd": self._fast is not None}
         return y.clamp(0.0, 1.0)  # out of place: y may be an inference-mode tensor

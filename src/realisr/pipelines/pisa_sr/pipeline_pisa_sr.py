@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ...dials import Dial, ModelDials
+from ...dials import POSTERIOR_SEED, Dial, ModelDials
 from ..base import SRPipeline, SROutput, to_image_data
 from ..diffusion_common import (OneStepDiffusionPipeline, Preprocessed, dial_to_latent, finish_output,
                                 latent_tile_plan, move_module, tiled_latent_predict)
@@ -92,6 +92,7 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
                  step=0.05, cheap=True, spatial=True, help="adds perceptual detail; artifacts when large"),
             Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
                  advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+            POSTERIOR_SEED,
         ),
         redial="redial", keep={"keep_predictions": True}, fixed={"default_mode": False}, grid="latent",
         seconds_per_mp={"cpu": 610.0, "cuda": 4.0}, bytes_per_out_pixel=2300.0, model_bytes=5.2e9)
@@ -125,8 +126,9 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
         if kwargs:
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
-        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr")
-        bb = load_backbone(sd, components=("unet", "vae", "text_encoder", "tokenizer"))
+        parts = ("unet", "vae", "text_encoder", "tokenizer")
+        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr", sd=sd, components=parts)
+        bb = load_backbone(sd, components=parts)
         return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, checkpoint=checkpoint, device=device, dtype=dtype)
 
