@@ -143,6 +143,18 @@ def _download(page, elem_id: str, dst: Path) -> Path:
     return dst
 
 
+def _screenshot(page, dst: Path, clip: dict) -> None:
+    """A small PNG of the page (halved, 256-colour palette) for the docs."""
+    from PIL import Image
+
+    raw = dst.with_suffix(".raw.png")
+    page.screenshot(path=str(raw), clip=clip, full_page=True)  # clip in page coordinates
+    with Image.open(raw) as im:
+        small = im.convert("RGB").resize((im.width // 2, im.height // 2), Image.LANCZOS)
+    small.quantize(256).save(dst, optimize=True)
+    raw.unlink()
+
+
 def _cli_replay(recipe: Path, src: Path, out: Path) -> Path:
     assert main(["upscale", "-q", "--recipe", str(recipe), "-i", str(src), "-o", str(out)]) == 0
     return out
@@ -185,8 +197,8 @@ def test_dial_redials_without_unet_and_download_equals_the_cli(server, chrome, t
     page.mouse.move(box["x"] + box["width"] * 0.26, box["y"] + box["height"] * 0.5)
     lens = page.eval_on_selector_all("#loupe .lens", "els => els.map(e => [e.style.backgroundSize, e.dataset.x])")
     assert lens[0] == lens[1] and lens[0][0] == "176px 144px"  # both at their own pixel size, same spot
-    if os.environ.get("REALISR_UPDATE_SCREENSHOTS"):
-        page.screenshot(path=str(REPO / "docs" / "serve.png"), full_page=False)
+    if os.environ.get("REALISR_UPDATE_SCREENSHOTS"):  # the README's screenshot
+        _screenshot(page, REPO / "docs" / "serve.png", {"x": 0, "y": 0, "width": 1400, "height": 1000})
     page.close()
 
 

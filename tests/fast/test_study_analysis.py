@@ -187,3 +187,26 @@ def test_create_refuses_bad_inputs(tmp_path):
     with pytest.raises(StudyError, match="not a study folder"):
         load_study(tmp_path)
     assert main(["study", "results", str(tmp_path)]) == 1  # one line, no traceback
+
+
+def test_create_from_a_bench_output_folder(tmp_path, capsys):
+    """`realisr bench` on two models, then a study of its outputs (methods = its settings, LQ/HQ from its
+    summary, so gold pairs come with it)."""
+    from PIL import Image
+
+    lq, hq = tmp_path / "lq", tmp_path / "hq"
+    lq.mkdir()
+    hq.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        big = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        Image.fromarray(big).save(hq / f"p{i}.png")
+        Image.fromarray(big).resize((8, 8), Image.BICUBIC).save(lq / f"p{i}.png")
+    report = tmp_path / "report"
+    assert main(["bench", "-q", "--lq", str(lq), "--hq", str(hq), "-m", "bicubic", "-m", "lanczos", "--metrics",
+                 "psnr", "-o", str(report), "--no-report"]) == 0
+    assert main(["study", "create", "--bench", str(report), "-o", str(tmp_path / "study")]) == 0
+    assert "admin token" in capsys.readouterr().out
+    s = load_study(tmp_path / "study")
+    assert sorted(s.methods.values()) == ["bicubic", "lanczos"] and len(s.images) == 2
+    assert len(s.gold_images()) == 2 and all(im["lq"] for im in s.images.values())

@@ -201,8 +201,13 @@ def test_two_raters_vote_through_the_browser_and_a_killed_server_loses_nothing(t
             wait_until(lambda: bob.page.eval_on_selector("#img-a", "e => e.src").endswith("/lq"),
                        what="the input shown")
             bob.page.keyboard.press("l")
-            if os.environ.get("REALISR_UPDATE_SCREENSHOTS"):
-                ann.page.screenshot(path=str(REPO / "docs" / "study.png"))
+            bob.page.keyboard.press("f")  # flicker: one pane alternating A and B
+            shown = set()
+            wait_until(lambda: shown.add(bob.page.eval_on_selector("#img-a", "e => e.src")[-2:]) or
+                       {"/a", "/b"} <= shown, timeout=10, interval=0.1, what="A and B alternating")
+            assert not bob.page.is_visible("#pane-b")
+            bob.page.keyboard.press("f")
+            assert bob.page.is_visible("#pane-b")
             ann.finish()
             bob.finish()
     finally:
