@@ -299,3 +299,30 @@ def test_batch_tab_returns_one_zip(server, chrome, tmp_path):
     assert np.array_equal(cli, out)
     page.close()
     shutil.rmtree(tmp_path / "unzipped")
+
+
+def test_the_cli_serves_on_localhost(tmp_path):
+    """`realisr serve` as a user starts it: binds 127.0.0.1 by default and serves the app until stopped."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from helpers.browser import wait_http
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "realisr", "serve", "-m", "bicubic", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", timeout=120, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as r:
+            config = json.loads(r.read())
+        ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        assert {"upload", "model", "run", "cancel", "result", "download", "download-recipe", "dial-outscale"} <= ids
+        assert "dial-lambda_sem" not in ids  # bicubic only: no PiSA-SR dials
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert f"http://127.0.0.1:{port}/" in (tmp_path / "serve.log").read_text()
