@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -145,20 +144,9 @@ class Recipe:
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the recipe atomically (temporary file, then rename)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.dumps())
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return p
+        from .io.text import atomic_write_text
+
+        return atomic_write_text(path, self.dumps())
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Recipe":

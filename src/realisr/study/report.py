@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from ..bench.report import REPORT_CSS
+from ..io.text import atomic_write_text
 from .analysis import StudyResults
 from .design import Study
 
@@ -118,17 +118,9 @@ def render_html(study: Study, res: StudyResults) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.StringIO(newline="")
+    write(buf)
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_results(study: Study, res: StudyResults, out_dir) -> dict:
