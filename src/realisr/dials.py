@@ -96,8 +96,8 @@ class Dial:
                 if v == lab or (v == val and not isinstance(v, bool)):
                     return val
             raise ValueError(f"{self.name} must be one of {', '.join(lab for lab, _ in self.options())}, got {v!r}")
-        if v is None or (isinstance(v, str) and v.strip() == "" and self.kind != "text"):
-            return None
+        if v is None or (isinstance(v, str) and v.strip() == "" and (self.kind != "text" or self.default is None)):
+            return None  # (a text dial whose default is None: empty means the model's default)
         if self.kind in ("int", "seed", "float"):
             try:
                 f = float(v)

@@ -53,7 +53,8 @@ def test_dial_values_are_coerced_and_checked():
     with pytest.raises(ValueError, match="tile must be one of"):
         tile.coerce("300")
     assert Dial("steps", "Steps", "int", default=4).coerce(3.7) == 4
-    assert Dial("prompt", "Prompt", "text").coerce("") == ""
+    assert Dial("prompt", "Prompt", "text", default="").coerce("") == ""
+    assert Dial("prompt", "Prompt", "text").coerce("") is None  # default None: empty = the model's default
     assert Dial("x", "X").coerce("") is None
     with pytest.raises(ValueError):
         Dial("x", "X", "slider")

@@ -79,21 +79,21 @@ def _union(engine: Engine) -> list[Dial]:
 
 def _component(d: Dial, visible: bool):
     common = dict(label=d.label, info=d.help or None, visible=visible, elem_id=f"dial-{d.name}")
-    if d.kind == "float" or (d.kind == "int" and d.minimum is not None and d.maximum is not None
-                             and d.default is not None):
+    if d.kind in ("float", "int", "seed") and d.default is None:  # empty = not passed (a Number would send 0)
+        return gr.Textbox(value="", placeholder="empty: the model's default", lines=1, **common)
+    if d.kind == "float" or (d.kind == "int" and d.minimum is not None and d.maximum is not None):
         return gr.Slider(minimum=d.minimum if d.minimum is not None else 0.0,
                          maximum=d.maximum if d.maximum is not None else 1.0,
                          step=d.step or (1 if d.kind == "int" else 0.01),
                          value=d.default, **common)
-    if d.kind in ("int", "seed") and d.default is None:  # empty = not passed (a Number would send 0)
-        return gr.Textbox(value="", placeholder="empty: none", lines=1, **common)
     if d.kind in ("int", "seed"):
         return gr.Number(value=d.default, precision=0, minimum=d.minimum, maximum=d.maximum, **common)
     if d.kind == "choice":
         return gr.Dropdown(choices=[lab for lab, _ in d.options()], value=d.label_of(d.default), **common)
     if d.kind == "bool":
         return gr.Checkbox(value=bool(d.default), **common)
-    return gr.Textbox(value=d.default or "", lines=1, **common)
+    return gr.Textbox(value=d.default or "", lines=1, placeholder="" if d.default is not None else
+                      "empty: the model's default", **common)
 
 
 def _mask(editor_value, up) -> Optional[np.ndarray]:
