@@ -182,3 +182,26 @@ register(ModelSpec(
     options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32},
     description="OSEDiff (NeurIPS'24): one-step SD-2.1 SR (t=999), text prompt"))
+
+# SeeSR: multi-step (DDPM + CFG) SD-2-base SR with DAPE tags and soft prompt; users bring the weights.
+_SEESR_WEIGHTS = WeightSource(
+    "user", files=("seesr/unet", "seesr/controlnet", "ram_swin_large_14m.pth", "DAPE.pth"),
+    url="https://github.com/cswry/SeeSR (README: preset/models/seesr, DAPE.pth, ram_swin_large_14m.pth)")
+register(ModelSpec(
+    id="seesr", family="seesr", scale=4,
+    license="see cswry/SeeSR (weights); SD-2-base: CreativeML Open RAIL++-M; RAM: Apache-2.0",
+    weights=_SEESR_WEIGHTS,
+    pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.models.seesr:weights_status", "process_size": 512,
+             "latent_tile": 96, "latent_overlap": 4, "steps": 50, "guidance_scale": 5.5},
+    description="SeeSR (CVPR'24): SD-2-base ControlNet SR with DAPE tags + soft prompt, 50 DDPM steps, CFG 5.5"))
+register(ModelSpec(
+    id="seesr-turbo", family="seesr", scale=4,
+    license="see cswry/SeeSR (weights); SD-turbo: see its model card (Stability AI); RAM: Apache-2.0",
+    weights=_SEESR_WEIGHTS,
+    pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.models.seesr:weights_status", "process_size": 512,
+             "latent_tile": 96, "latent_overlap": 32, "steps": 2, "guidance_scale": 1.0, "variant": "turbo"},
+    description="SeeSR on SD-turbo (official test_seesr_turbo.py): 2 steps, no CFG"))

@@ -33,6 +33,13 @@ _HOWTO = (f"download {SD21_BASE} in diffusers layout (e.g. `huggingface-cli down
           f"and pass --sd PATH (or set {SD_ENV}); see docs/weights.md")
 
 
+def _howto(default_id: str, env: str) -> str:
+    if default_id == SD21_BASE and env == SD_ENV:
+        return _HOWTO
+    return (f"download {default_id} in diffusers layout (e.g. `huggingface-cli download {default_id}`) "
+            f"and pass --sd PATH (or set {env}); see docs/weights.md")
+
+
 @dataclass
 class Backbone:
     """The loaded SD-2.1 components (any may be ``None`` if not requested)."""
@@ -67,44 +74,50 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_sd(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS) -> tuple[Optional[Path], str]:
+def resolve_sd(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS, *, default_id: str = SD21_BASE,
+               env: str = SD_ENV) -> tuple[Optional[Path], str]:
     """Find the backbone locally. Returns ``(folder or None, hub id or description)`` without network access.
 
     ``(folder, source)`` when a complete local folder was found; ``(None, hub_id)`` when only a hub id is known.
+    ``default_id`` / ``env``: the hub id and environment variable of the backbone (SD-2.1-base and
+    ``REALISR_SD`` unless a method needs another one, e.g. SeeSR's SD-2-base).
 
     Raises:
         WeightsNotFoundError: an explicit local folder (argument or env) lacks components.
     """
     from ..weights.cache import find_hf_snapshot
 
-    explicit = sd or os.environ.get(SD_ENV)
-    origin = "--sd" if sd else SD_ENV
+    howto = _howto(default_id, env)
+    explicit = sd or os.environ.get(env)
+    origin = "--sd" if sd else env
     if explicit:
         p = Path(str(explicit)).expanduser()
         # a hub id is "org/name"; anything else (or an existing path) is a folder
         looks_local = p.exists() or str(explicit).startswith((".", "/", "~")) or str(explicit).count("/") != 1
         if looks_local:
             if not p.is_dir():
-                raise WeightsNotFoundError(f"SD backbone folder {p} ({origin}) does not exist: {_HOWTO}")
+                raise WeightsNotFoundError(f"SD backbone folder {p} ({origin}) does not exist: {howto}")
             missing = missing_components(p, components)
             if missing:
                 raise WeightsNotFoundError(
-                    f"SD backbone folder {p} ({origin}) is missing {', '.join(missing)}: {_HOWTO}")
+                    f"SD backbone folder {p} ({origin}) is missing {', '.join(missing)}: {howto}")
             return p, str(p)
         snap = find_hf_snapshot(str(explicit))
         if snap is not None and not missing_components(snap, components):
             return snap, f"{explicit} (HF cache)"
         return None, str(explicit)
-    snap = find_hf_snapshot(SD21_BASE)
+    snap = find_hf_snapshot(default_id)
     if snap is not None and not missing_components(snap, components):
-        return snap, f"{SD21_BASE} (HF cache)"
-    return None, SD21_BASE
+        return snap, f"{default_id} (HF cache)"
+    return None, default_id
 
 
-def backbone_status(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS) -> tuple[bool, str]:
-    """``(available locally, detail)`` without network access."""
+def backbone_status(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS, *,
+                    default_id: str = SD21_BASE, env: str = SD_ENV) -> tuple[bool, str]:
+    """``(available locally, detail)`` without network access (``default_id``/``env``: see :func:`resolve_sd`)."""
+    howto = _howto(default_id, env)
     try:
-        folder, source = resolve_sd(sd, components)
+        folder, source = resolve_sd(sd, components, default_id=default_id, env=env)
     except WeightsNotFoundError as e:
         return False, str(e)
     if folder is not None:
@@ -114,12 +127,12 @@ def backbone_status(sd: Optional[str] = None, components: Sequence[str] = COMPON
     snap = find_hf_snapshot(source)
     if snap is not None:
         missing = missing_components(snap, components)
-        return False, f"SD backbone {source} in the HF cache is missing {', '.join(missing)}: {_HOWTO}"
-    return False, f"SD backbone {source} not found locally (HF cache or {SD_ENV}): {_HOWTO}"
+        return False, f"SD backbone {source} in the HF cache is missing {', '.join(missing)}: {howto}"
+    return False, f"SD backbone {source} not found locally (HF cache or {env}): {howto}"
 
 
 def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPONENTS, device=None,
-                  dtype=None, vae_dtype=None) -> Backbone:
+                  dtype=None, vae_dtype=None, default_id: str = SD21_BASE, env: str = SD_ENV) -> Backbone:
     """Load SD-2.1-base components with diffusers/transformers.
 
     Args:
@@ -127,6 +140,7 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
         components: which parts to load.
         device, dtype: where the UNet and text encoder go (default CPU, float32).
         vae_dtype: the VAE's dtype (default ``dtype``).
+        default_id, env: the backbone's hub id and environment variable (see :func:`resolve_sd`).
 
     Returns:
         :class:`Backbone` (models in eval mode, ``requires_grad=False``).
@@ -137,13 +151,14 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
     """
     import torch
 
-    folder, source = resolve_sd(sd, components)
+    howto = _howto(default_id, env)
+    folder, source = resolve_sd(sd, components, default_id=default_id, env=env)
     where = str(folder) if folder is not None else source
     if folder is None:
         if _offline():
             raise WeightsNotFoundError(
                 f"SD backbone {source} not found locally and HF_HUB_OFFLINE is set "
-                f"(needs {', '.join(c + '/' for c in components)}): {_HOWTO}")
+                f"(needs {', '.join(c + '/' for c in components)}): {howto}")
         logger.info("SD backbone not found locally; downloading %s from the Hugging Face hub", source)
     kw: dict = {}
     dtype = dtype or torch.float32
@@ -182,7 +197,7 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
             raise WeightsNotFoundError(f"cannot load the SD backbone from {folder}: {str(e).splitlines()[0]}") from e
         raise WeightsNotFoundError(
             f"SD backbone {source} is not available locally and could not be downloaded "
-            f"({type(e).__name__}): {_HOWTO}") from e
+            f"({type(e).__name__}): {howto}") from e
     logger.info("SD backbone loaded from %s (%s)", where, ", ".join(components))
     for m in (bb.unet, bb.vae, bb.text_encoder):
         if m is not None:

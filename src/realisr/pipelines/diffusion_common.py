@@ -51,6 +51,7 @@ __all__ = [
     "gaussian_tile_weights",
     "gaussian_window",
     "tiled_latent_predict",
+    "ddpm_step",
     "vae_encode",
     "vae_decode",
     "dial_to_latent",
@@ -133,7 +134,8 @@ def pil_resize(x, size_wh: tuple[int, int], resample, *, exact_8bit: bool):
     return torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))[None].float()
 
 
-def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "official") -> Preprocessed:
+def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "official",
+               multiple_filter: str = "lanczos") -> Preprocessed:
     """Pre-process an LQ image as the official scripts do (see the module docstring).
 
     Args:
@@ -141,6 +143,8 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
         scale: the upscaling factor (4 for the released models).
         process_size: the official ``--process_size`` (512).
         mode: ``"official"`` or ``"pad"``.
+        multiple_filter: the PIL filter of step 3 (the resize to a multiple of 8): ``"lanczos"`` (PiSA-SR,
+            OSEDiff) or ``"bicubic"`` (SeeSR, whose script calls ``resize`` with PIL's default).
 
     Raises:
         ValueError: unknown mode or bad sizes.
@@ -159,7 +163,9 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
             raise ValueError(f"image of {w}x{h} is too small for x{scale}: it needs at least 8 output pixels per side")
         y = pil_resize(x, size, Image.BICUBIC, exact_8bit=exact)
         y = pil_resize(y, up, Image.BICUBIC, exact_8bit=exact)
-        y = pil_resize(y, final, Image.LANCZOS, exact_8bit=exact)
+        if multiple_filter not in ("lanczos", "bicubic"):
+            raise ValueError(f"multiple_filter must be 'lanczos' or 'bicubic', got {multiple_filter!r}")
+        y = pil_resize(y, final, Image.LANCZOS if multiple_filter == "lanczos" else Image.BICUBIC, exact_8bit=exact)
         return Preprocessed(y, (h, w), out_size, mode, resize_flag=flag, exact_8bit=exact)
     y = pil_resize(x, (w * scale, h * scale), Image.BICUBIC, exact_8bit=exact)
     ph, pw = (-y.shape[-2]) % 8, (-y.shape[-1]) % 8
@@ -237,33 +243,94 @@ def gaussian_window(flavor: str) -> Callable:
 
 
 def tiled_latent_predict(fn: Callable, z, *, tile: Optional[int], overlap: int, flavor: str,
-                         callback=None, out_channels: Optional[int] = None):
+                         callback=None, out_channels: Optional[int] = None, context=None, context_scale: int = 8):
     """Run ``fn`` (latent tile -> prediction) on ``z`` with the official tiling and Gaussian blending.
 
     Args:
-        fn: maps ``[1, 4, t, t]`` latents to an NCHW prediction of the same spatial size.
+        fn: maps ``[1, 4, t, t]`` latents to an NCHW prediction of the same spatial size; with ``context``,
+            ``fn(z_tile, context_tile)``.
         z: ``[1, 4, h, w]`` latents (device and dtype as ``fn`` wants them).
         tile, overlap: the official ``latent_tiled_size`` / ``latent_tiled_overlap``; ``tile`` 0/None: no tiling.
         flavor: ``"pisa"`` or ``"osediff"`` (the Gaussian's y midpoint).
         out_channels: channels of ``fn``'s output (default: as ``z``).
+        context: an optional NCHW tensor covering the same area at ``context_scale`` times the latent
+            resolution (e.g. a ControlNet's pixel-space condition); each call gets the crop under its tile.
+        context_scale: pixels of ``context`` per latent (8 for an SD VAE).
 
     Returns:
         The blended prediction, float32, on ``z``'s device.
     """
+    import torch
+    import torch.nn.functional as F
+
     from ..progress import report
     from ..tiling import tiled_forward
 
     h, w = z.shape[-2:]
+    run, inp = fn, z
+    if context is not None:
+        if tuple(context.shape[-2:]) != (h * context_scale, w * context_scale):
+            raise ValueError(f"context of {tuple(context.shape[-2:])} does not cover latents of {(h, w)} "
+                             f"at scale {context_scale}")
+        # the context rides along as extra channels (space-to-depth: an exact rearrangement), so the tiler
+        # crops it with each tile
+        nz = z.shape[1]
+        inp = torch.cat([z, F.pixel_unshuffle(context.to(device=z.device, dtype=z.dtype), context_scale)], dim=1)
+
+        def unpack_and_run(packed):
+            return fn(packed[:, :nz], F.pixel_shuffle(packed[:, nz:], context_scale))
+
+        run = unpack_and_run
+        out_channels = out_channels or nz
     plan = latent_tile_plan(h, w, tile, overlap)
     if plan is None:
         report(callback, "unet", 0, 1)
-        out = fn(z)
+        out = run(inp)
         report(callback, "unet", 1, 1)
         return out.float()
     t, ov = plan
     logger.debug("latent tiling %dx%d: tile %d overlap %d", w, h, t, ov)
-    return tiled_forward(fn, z, scale=1, tile=t, overlap=ov, pad=0, window=gaussian_window(flavor),
+    return tiled_forward(run, inp, scale=1, tile=t, overlap=ov, pad=0, window=gaussian_window(flavor),
                          out_channels=out_channels, out_device=z.device, callback=callback, stage="unet")
+
+
+def ddpm_step(alphas_cumprod, eps, t: int, prev_t: int, x, noise=None):
+    """One DDPM ancestral step ``x_t -> x_{prev_t}`` for an epsilon-predicting model with the "fixed_small"
+    variance, in the order of diffusers' ``DDPMScheduler.step`` (float32):
+
+    ``x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, ``beta = 1 - abar_t / abar_prev``,
+    ``mean = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_prev) / (1 - abar_t) x``,
+    ``x_prev = mean + sqrt(max((1 - abar_prev) / (1 - abar_t) beta, 1e-20)) noise`` (no noise when ``t == 0``),
+    with ``abar_prev = 1`` when ``prev_t < 0``.
+
+    Unlike ``DDPMScheduler.step``, the noise is an argument, so a caller can draw it (or replay it) itself.
+
+    Args:
+        alphas_cumprod: the scheduler's ``alphas_cumprod`` (1-D, float32).
+        eps: the predicted noise; ``x``: the current sample (same shape).
+        t, prev_t: this and the next timestep of the schedule (``prev_t < 0`` after the last one).
+        noise: standard normal noise like ``x`` (required when ``t > 0``).
+
+    Returns:
+        The float32 sample at ``prev_t``.
+    """
+    import torch
+
+    a = alphas_cumprod.to(device=x.device, dtype=torch.float32)
+    a_t = a[int(t)]
+    a_prev = a[int(prev_t)] if prev_t >= 0 else torch.ones((), device=x.device, dtype=torch.float32)
+    beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
+    alpha_t = a_t / a_prev
+    beta_t = 1 - alpha_t
+    x, eps = x.float(), eps.float()
+    x0 = (x - beta_prod_t ** 0.5 * eps) / a_t ** 0.5
+    prev = (a_prev ** 0.5 * beta_t) / beta_prod_t * x0 + alpha_t ** 0.5 * beta_prod_prev / beta_prod_t * x
+    if t > 0:
+        if noise is None:
+            raise ValueError("ddpm_step needs noise for t > 0")
+        variance = torch.clamp(beta_prod_prev / beta_prod_t * beta_t, min=1e-20)
+        prev = prev + variance ** 0.5 * noise.to(device=x.device, dtype=torch.float32)
+    return prev
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -291,13 +358,14 @@ def _auto_vae_tile(latent_h: int, latent_w: int, vae_tile: Optional[int]) -> Opt
 
 
 def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: Optional[int] = None,
-               device=None, dtype=None, callback=None):
+               device=None, dtype=None, callback=None, noise=None):
     """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
 
     Args:
         image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
         sample: sample the posterior (as the official scripts do) instead of taking its mode.
         generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
+        noise: the standard normal sample noise itself (``[1, 4, H/8, W/8]``), instead of drawing it.
         vae_tile: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
             (tiles beyond 1024x1024 pixels); ``0``: never.
     """
@@ -320,15 +388,20 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
             report(callback, "vae_encode", 1, 1)
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
-            z = mean + std * noise
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+            elif tuple(noise.shape) != tuple(mean.shape):
+                raise ValueError(f"posterior noise must be {list(mean.shape)}, got {list(noise.shape)}")
+            z = mean + std * noise.float().cpu()
         else:
             z = dist.mode().float()
     return (z * sf).to(device)
 
 
-def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
-    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``.
+def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None,
+               raw: bool = False):
+    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``
+    (``raw=True``: the decoder output itself, in about ``[-1, 1]``, not clamped).
 
     The result stays where the decoder ran (on a GPU, the colour fix then runs there too and only the final
     image is copied to the host); tiled decoding streams its tiles to the CPU and returns a CPU tensor.
@@ -356,6 +429,8 @@ def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dt
             from ..errors import RealisrError
 
             raise RealisrError("the VAE decoder produced NaN/inf values: run with --dtype fp32 (or bf16)")
+        if raw:
+            return out
         return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
