@@ -51,6 +51,7 @@ __all__ = [
     "gaussian_tile_weights",
     "gaussian_window",
     "tiled_latent_predict",
+    "vae_posterior",
     "vae_encode",
     "vae_decode",
     "dial_to_latent",
@@ -290,6 +291,31 @@ def _auto_vae_tile(latent_h: int, latent_w: int, vae_tile: Optional[int]) -> Opt
     return int(vae_tile) or None
 
 
+def vae_posterior(vae, image01, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
+    """The VAE posterior of ``image01`` (``[N, 3, H, W]`` in ``[0, 1]``, H and W multiples of 8): a diffusers
+    ``DiagonalGaussianDistribution`` (``.mean``, ``.std``, ``.mode()``), not scaled by ``scaling_factor``.
+
+    ``vae_tile``: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
+    (tiles beyond 1024x1024 pixels, :func:`realisr.models.tiled_vae.tiled_encode`); ``0``: never.
+    """
+    import torch
+
+    x = image01 * 2.0 - 1.0
+    lh, lw = x.shape[-2] // 8, x.shape[-1] // 8
+    tile = _auto_vae_tile(lh, lw, vae_tile)
+    with torch.no_grad():
+        if tile is not None:
+            from ..models.tiled_vae import tiled_encode
+
+            return tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
+        from ..progress import report
+
+        report(callback, "vae_encode", 0, 1)
+        dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+        report(callback, "vae_encode", 1, 1)
+        return dist
+
+
 def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: Optional[int] = None,
                device=None, dtype=None, callback=None):
     """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
@@ -298,26 +324,13 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
         image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
         sample: sample the posterior (as the official scripts do) instead of taking its mode.
         generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
-        vae_tile: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
-            (tiles beyond 1024x1024 pixels); ``0``: never.
+        vae_tile: see :func:`vae_posterior`.
     """
     import torch
 
     sf = vae.config.scaling_factor
-    x = image01 * 2.0 - 1.0
-    lh, lw = x.shape[-2] // 8, x.shape[-1] // 8
-    tile = _auto_vae_tile(lh, lw, vae_tile)
+    dist = vae_posterior(vae, image01, vae_tile=vae_tile, device=device, dtype=dtype, callback=callback)
     with torch.no_grad():
-        if tile is not None:
-            from ..models.tiled_vae import tiled_encode
-
-            dist = tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
-        else:
-            from ..progress import report
-
-            report(callback, "vae_encode", 0, 1)
-            dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
-            report(callback, "vae_encode", 1, 1)
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
@@ -327,8 +340,10 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
     return (z * sf).to(device)
 
 
-def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
-    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``.
+def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None,
+               raw: bool = False):
+    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``
+    (``raw=True``: the decoder output itself, float32, unclamped, in about ``[-1, 1]``).
 
     The result stays where the decoder ran (on a GPU, the colour fix then runs there too and only the final
     image is copied to the host); tiled decoding streams its tiles to the CPU and returns a CPU tensor.
@@ -356,6 +371,8 @@ def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dt
             from ..errors import RealisrError
 
             raise RealisrError("the VAE decoder produced NaN/inf values: run with --dtype fp32 (or bf16)")
+        if raw:
+            return out
         return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
