@@ -1,4 +1,2 @@
-"""Network architectures (``nn.Module`` definitions only: no file I/O, no downloads).
-
-Import the submodules directly (e.g. ``realisr.arch.seesr_arch``); nothing is imported here.
-"""
+"""Network architectures (``nn.Module`` classes only: no file I/O, no key mapping; loading lives in
+:mod:`realisr.weights`). Import the submodules; nothing is imported here so ``import realisr`` stays light."""

@@ -52,6 +52,7 @@ __all__ = [
     "gaussian_window",
     "tiled_latent_predict",
     "ddpm_step",
+    "vae_posterior",
     "vae_encode",
     "vae_decode",
     "dial_to_latent",
@@ -294,43 +295,44 @@ def tiled_latent_predict(fn: Callable, z, *, tile: Optional[int], overlap: int, 
                          out_channels=out_channels, out_device=z.device, callback=callback, stage="unet")
 
 
-def ddpm_step(alphas_cumprod, eps, t: int, prev_t: int, x, noise=None):
-    """One DDPM ancestral step ``x_t -> x_{prev_t}`` for an epsilon-predicting model with the "fixed_small"
-    variance, in the order of diffusers' ``DDPMScheduler.step`` (float32):
+def ddpm_step(z, eps, alphas_cumprod, t: int, prev_t: int, noise=None):
+    """One DDPM ancestral step ``z_t -> z_{prev_t}`` for an epsilon-predicting model with the "fixed_small"
+    variance, in float32 and in the order of diffusers' ``DDPMScheduler.step``:
 
-    ``x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, ``beta = 1 - abar_t / abar_prev``,
-    ``mean = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_prev) / (1 - abar_t) x``,
-    ``x_prev = mean + sqrt(max((1 - abar_prev) / (1 - abar_t) beta, 1e-20)) noise`` (no noise when ``t == 0``),
-    with ``abar_prev = 1`` when ``prev_t < 0``.
+    ``x0 = (z - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, ``alpha = abar_t / abar_prev``,
+    ``mean = sqrt(abar_prev) (1 - alpha) / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_prev) / (1 - abar_t) z``,
+    ``z_prev = mean + sqrt(max((1 - abar_prev) / (1 - abar_t) (1 - alpha), 1e-20)) noise`` (no noise at
+    ``t == 0``), with ``abar_prev = 1`` when ``prev_t < 0``.
 
-    Unlike ``DDPMScheduler.step``, the noise is an argument, so a caller can draw it (or replay it) itself.
+    Unlike ``DDPMScheduler.step`` the noise is an argument, so a caller can draw it (or replay recorded draws).
+    (``realisr.pipelines.ccsr.schedule.ddpm_step`` is the same function with the same signature.)
 
     Args:
-        alphas_cumprod: the scheduler's ``alphas_cumprod`` (1-D, float32).
-        eps: the predicted noise; ``x``: the current sample (same shape).
+        z: the current sample; eps: the predicted noise (same shape).
+        alphas_cumprod: the scheduler's ``alphas_cumprod`` (1-D).
         t, prev_t: this and the next timestep of the schedule (``prev_t < 0`` after the last one).
-        noise: standard normal noise like ``x`` (required when ``t > 0``).
+        noise: standard normal noise like ``z`` (required when ``t > 0``).
 
     Returns:
-        The float32 sample at ``prev_t``.
+        ``(z_prev, x0)``, float32.
     """
     import torch
 
-    a = alphas_cumprod.to(device=x.device, dtype=torch.float32)
-    a_t = a[int(t)]
-    a_prev = a[int(prev_t)] if prev_t >= 0 else torch.ones((), device=x.device, dtype=torch.float32)
-    beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
-    alpha_t = a_t / a_prev
-    beta_t = 1 - alpha_t
-    x, eps = x.float(), eps.float()
-    x0 = (x - beta_prod_t ** 0.5 * eps) / a_t ** 0.5
-    prev = (a_prev ** 0.5 * beta_t) / beta_prod_t * x0 + alpha_t ** 0.5 * beta_prod_prev / beta_prod_t * x
+    a = alphas_cumprod.to(device=z.device, dtype=torch.float32)
+    one = torch.ones((), device=z.device, dtype=torch.float32)
+    a_t = a[int(t)] if t >= 0 else one
+    a_prev = a[int(prev_t)] if prev_t >= 0 else one
+    beta_t, beta_prev = 1 - a_t, 1 - a_prev
+    alpha = a_t / a_prev
+    z, eps = z.float(), eps.float()
+    x0 = (z - beta_t ** 0.5 * eps) / a_t ** 0.5
+    prev = (a_prev ** 0.5 * (1 - alpha)) / beta_t * x0 + alpha ** 0.5 * beta_prev / beta_t * z
     if t > 0:
         if noise is None:
-            raise ValueError("ddpm_step needs noise for t > 0")
-        variance = torch.clamp(beta_prod_prev / beta_prod_t * beta_t, min=1e-20)
-        prev = prev + variance ** 0.5 * noise.to(device=x.device, dtype=torch.float32)
-    return prev
+            raise ValueError("ddpm_step: a step with t > 0 needs its variance noise")
+        var = (beta_prev / beta_t * (1 - alpha)).clamp(min=1e-20)
+        prev = prev + var ** 0.5 * noise.to(device=z.device, dtype=torch.float32)
+    return prev, x0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -357,21 +359,15 @@ def _auto_vae_tile(latent_h: int, latent_w: int, vae_tile: Optional[int]) -> Opt
     return int(vae_tile) or None
 
 
-def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: Optional[int] = None,
-               device=None, dtype=None, callback=None, noise=None):
-    """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
+def vae_posterior(vae, image01, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
+    """The VAE posterior of ``image01`` (``[N, 3, H, W]`` in ``[0, 1]``, H and W multiples of 8): a diffusers
+    ``DiagonalGaussianDistribution`` (``.mean``, ``.std``, ``.mode()``), not scaled by ``scaling_factor``.
 
-    Args:
-        image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
-        sample: sample the posterior (as the official scripts do) instead of taking its mode.
-        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
-        noise: the standard normal sample noise itself (``[1, 4, H/8, W/8]``), instead of drawing it.
-        vae_tile: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
-            (tiles beyond 1024x1024 pixels); ``0``: never.
+    ``vae_tile``: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
+    (tiles beyond 1024x1024 pixels, :func:`realisr.models.tiled_vae.tiled_encode`); ``0``: never.
     """
     import torch
 
-    sf = vae.config.scaling_factor
     x = image01 * 2.0 - 1.0
     lh, lw = x.shape[-2] // 8, x.shape[-1] // 8
     tile = _auto_vae_tile(lh, lw, vae_tile)
@@ -379,20 +375,34 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
         if tile is not None:
             from ..models.tiled_vae import tiled_encode
 
-            dist = tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
-        else:
-            from ..progress import report
+            return tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
+        from ..progress import report
 
-            report(callback, "vae_encode", 0, 1)
-            dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
-            report(callback, "vae_encode", 1, 1)
+        report(callback, "vae_encode", 0, 1)
+        dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+        report(callback, "vae_encode", 1, 1)
+        return dist
+
+
+def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: Optional[int] = None,
+               device=None, dtype=None, callback=None):
+    """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
+
+    Args:
+        image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
+        sample: sample the posterior (as the official scripts do) instead of taking its mode.
+        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
+        vae_tile: see :func:`vae_posterior`.
+    """
+    import torch
+
+    sf = vae.config.scaling_factor
+    dist = vae_posterior(vae, image01, vae_tile=vae_tile, device=device, dtype=dtype, callback=callback)
+    with torch.no_grad():
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-            if noise is None:
-                noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
-            elif tuple(noise.shape) != tuple(mean.shape):
-                raise ValueError(f"posterior noise must be {list(mean.shape)}, got {list(noise.shape)}")
-            z = mean + std * noise.float().cpu()
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+            z = mean + std * noise
         else:
             z = dist.mode().float()
     return (z * sf).to(device)
@@ -401,7 +411,7 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
 def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None,
                raw: bool = False):
     """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``
-    (``raw=True``: the decoder output itself, in about ``[-1, 1]``, not clamped).
+    (``raw=True``: the decoder output itself, float32, unclamped, in about ``[-1, 1]``).
 
     The result stays where the decoder ran (on a GPU, the colour fix then runs there too and only the final
     image is copied to the host); tiled decoding streams its tiles to the CPU and returns a CPU tensor.

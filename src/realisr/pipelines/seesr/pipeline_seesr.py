@@ -40,7 +40,7 @@ from typing import Optional
 
 from ..base import SRPipeline
 from ..diffusion_common import (OneStepDiffusionPipeline, ddpm_step, latent_tile_plan, move_module, pil_resize,
-                                preprocess, tiled_latent_predict, vae_decode, vae_encode)
+                                preprocess, tiled_latent_predict, vae_decode, vae_posterior)
 
 logger = logging.getLogger(__name__)
 
@@ -368,14 +368,17 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         ts = self.timesteps(steps, compat)
         # draws, in the official order: start noise, posterior noise, one noise per step
         eps0 = self._draw(latents, (1, 4, h, w), generator, "latents")
-        pnoise = self._draw(posterior_noise, (1, 4, h, w), generator, "posterior_noise").cpu()
+        pnoise = self._draw(posterior_noise, (1, 4, h, w), generator, "posterior_noise")
         if step_noise is not None:
             step_noise = torch.as_tensor(step_noise).float()
             if tuple(step_noise.shape) != (len(ts), 1, 4, h, w):
                 raise ValueError(f"step_noise must be {[len(ts), 1, 4, h, w]} for this image and {len(ts)} steps, "
                                  f"got {list(step_noise.shape)}")
-        z_lr = vae_encode(self.vae, pre.image, sample=True, noise=pnoise, vae_tile=vae_tile, device=self.device,
-                          dtype=self.vae_dtype, callback=callback).float()
+        post = vae_posterior(self.vae, pre.image, vae_tile=vae_tile, device=self.device, dtype=self.vae_dtype,
+                             callback=callback)
+        # the official sample: mean + std * noise, times the scaling factor
+        z_lr = ((post.mean.float().to(self.device) + post.std.float().to(self.device) * pnoise)
+                * self.vae.config.scaling_factor)
         if start_point == "lr":
             z = self.scheduler.add_noise(z_lr, eps0, torch.tensor([_START_T], device=self.device))
         else:
@@ -398,7 +401,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
             if t > 0:
                 noise = step_noise[i].to(self.device) if step_noise is not None else \
                     self._draw(None, (1, 4, h, w), generator, "step noise")
-            z_prev = ddpm_step(self.scheduler.alphas_cumprod, eps, t, prev_t, z, noise)
+            z_prev, _ = ddpm_step(z, eps, self.scheduler.alphas_cumprod, t, prev_t, noise)
             if keep_intermediates:
                 rec["latents_in"].append(z.cpu())
                 rec["eps"].append(eps.cpu())
