@@ -216,7 +216,7 @@ register(ModelSpec(
     weights=_SEESR_WEIGHTS,
     pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
     dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
-    options={"weights_status": "realisr.models.seesr:weights_status", "process_size": 512,
+    options={"weights_status": "realisr.weights.seesr:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 4, "steps": 50, "guidance_scale": 5.5},
     description="SeeSR (CVPR'24): SD-2-base ControlNet SR with DAPE tags + soft prompt, 50 DDPM steps, CFG 5.5"))
 register(ModelSpec(
@@ -225,6 +225,6 @@ register(ModelSpec(
     weights=_SEESR_WEIGHTS,
     pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
     dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
-    options={"weights_status": "realisr.models.seesr:weights_status", "process_size": 512,
+    options={"weights_status": "realisr.weights.seesr:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32, "steps": 2, "guidance_scale": 1.0, "variant": "turbo"},
     description="SeeSR on SD-turbo (official test_seesr_turbo.py): 2 steps, no CFG"))

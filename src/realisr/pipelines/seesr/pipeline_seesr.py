@@ -109,7 +109,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec, device=None, dtype=None, sd=None, seesr=None, tagger=None, ram=None, dape=None,
-                  **kwargs) -> "SeeSRPipeline":
+                  tagger_root=None, **kwargs) -> "SeeSRPipeline":
         """Load SD-2-base (or SD-turbo for ``seesr-turbo``), the official ``seesr/{unet,controlnet}`` and, on
         first use, the DAPE tagger.
 
@@ -121,12 +121,13 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
             tagger: a tagger (``realisr.tagging.Tagger``), ``"dape"`` (default) or ``"ram"`` to load one on
                 first use, or ``False`` (then every call must pass ``tags`` and ``image_embeds``).
             ram, dape: paths of ``ram_swin_large_14m.pth`` / ``DAPE.pth`` for the tagger.
+            tagger_root: a folder searched first for the tagger's files (see :mod:`realisr.tagging.loading`).
 
         Raises:
             WeightsNotFoundError: SeeSR weights or backbone missing. CheckpointError: malformed weights.
         """
         from ...models.backbone import load_backbone, resolve_sd
-        from ...models.seesr import (SD2_BASE, SD2_ENV, SD_TURBO, SD_TURBO_ENV, load_seesr_controlnet,
+        from ...weights.seesr import (SD2_BASE, SD2_ENV, SD_TURBO, SD_TURBO_ENV, load_seesr_controlnet,
                                      load_seesr_unet, resolve_seesr_dir)
 
         if kwargs:
@@ -148,7 +149,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         unet = load_seesr_unet(seesr_dir, base_unet_dir=base_unet)
         controlnet = load_seesr_controlnet(seesr_dir)
         logger.info("SeeSR%s: %s, backbone %s", " (SD-turbo)" if turbo else "", seesr_dir, bb.source)
-        tagger_kwargs = {k: v for k, v in (("ram", ram), ("dape", dape)) if v is not None}
+        tagger_kwargs = {k: v for k, v in (("ram", ram), ("dape", dape), ("root", tagger_root)) if v is not None}
         return cls(spec, unet=unet, controlnet=controlnet, vae=bb.vae, text_encoder=bb.text_encoder,
                    tokenizer=bb.tokenizer, scheduler=bb.scheduler, tagger=tagger, tagger_kwargs=tagger_kwargs,
                    device=device, dtype=dtype)
@@ -221,12 +222,14 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
                                            f"{e} (or pass tags= and image_embeds=)") from e
         return self._tagger
 
-    def semantics(self, x, tags=None, image_embeds=None):
+    def semantics(self, x, tags=None, image_embeds=None, compat: str = "default"):
         """The tag string and the soft prompt for an image.
 
         Args:
             x: the raw LR, ``[1, 3, h, w]`` float in ``[0, 1]`` (the image the official script tags).
             tags, image_embeds: given values are kept; the others come from the tagger.
+            compat: ``"official"`` takes the tagger's official tag string (raw tag names); the default joins
+                the stripped names.
 
         Returns:
             ``(tags as one string, soft prompt [1, N, 512] float32 on the device, seconds spent tagging)``.
@@ -241,7 +244,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
             res = tagger(x)
             secs = time.perf_counter() - t0
             if tags is None:
-                tags = list(res.tags[0])
+                tags = res.text[0] if compat == "official" else list(res.tags[0])
             if image_embeds is None:
                 image_embeds = res.image_embeds[:1]
         if isinstance(image_embeds, np.ndarray):
@@ -354,7 +357,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         official = compat == "official"
         lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
 
-        tag_str, soft, tag_secs = self.semantics(x, tags, image_embeds)
+        tag_str, soft, tag_secs = self.semantics(x, tags, image_embeds, compat)
         text = seesr_prompt(tag_str, prompt or "", added_prompt, compat)
         guidance = guidance_scale > 1.0
         pos = self.prompt_embeds(text)

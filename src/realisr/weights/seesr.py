@@ -46,7 +46,7 @@ def _part_ok(folder: Path) -> bool:
 
 def find_seesr_dir(seesr=None) -> Optional[Path]:
     """The SeeSR folder (holding ``unet/`` and ``controlnet/``) or ``None``; no loading, no network."""
-    from ..weights.cache import checkpoints_dir
+    from .cache import checkpoints_dir
 
     for cand in (seesr, os.environ.get(SEESR_ENV), checkpoints_dir() / "seesr"):
         if cand and all(_part_ok(Path(cand).expanduser() / p) for p in _PARTS):
@@ -189,23 +189,12 @@ def save_seesr_folder(unet, controlnet, out) -> Path:
     return out
 
 
-def _tagger_status() -> tuple[bool, str]:
-    """Whether the DAPE tagger's weight files are in the checkpoints folder (no loading)."""
-    from ..weights.cache import checkpoints_dir
-
-    root = checkpoints_dir()
-    missing = [f for f in ("ram_swin_large_14m.pth", "DAPE.pth") if not (root / f).is_file()]
-    if missing:
-        return False, f"tagger: {', '.join(missing)} not in {root}"
-    return True, "DAPE tagger found"
-
-
 def weights_status(spec) -> tuple[bool, str]:
     """``(available, detail)`` for ``seesr`` / ``seesr-turbo``: the SeeSR folder, the backbone and the tagger.
 
     No network access and no loading.
     """
-    from .backbone import backbone_status
+    from ..models.backbone import backbone_status
 
     turbo = spec.options.get("variant") == "turbo"
     default_id, env = (SD_TURBO, SD_TURBO_ENV) if turbo else (SD2_BASE, SD2_ENV)
@@ -217,6 +206,8 @@ def weights_status(spec) -> tuple[bool, str]:
     parts.append(f"SeeSR: {folder}" if ok else f"SeeSR weights not found: {_HOWTO}")
     ok_sd, sd_detail = backbone_status(None, components, default_id=default_id, env=env)
     parts.append(sd_detail)
-    ok_tag, tag_detail = _tagger_status()
+    from ..tagging import tagger_status
+
+    ok_tag, tag_detail = tagger_status("dape")
     parts.append(tag_detail)
     return ok and ok_sd and ok_tag, "; ".join(parts)
