@@ -29,6 +29,11 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    "steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "start_point": "start_point",
+    "negative_prompt": "negative_prompt",
+    "compat": "compat",
 }
 SAMPLE_PREFIX = "sample:"
 
@@ -78,6 +83,16 @@ def add_arguments(p) -> None:
     g.add_argument("--latent-tile", type=int, default=None, help="latent tile size (default 96)")
     g.add_argument("--latent-overlap", type=int, default=None, help="latent tile overlap (default 32)")
     g.add_argument("--vae-tile", type=int, default=None, help="VAE tile size in pixels (default: automatic)")
+    g.add_argument("--compat", default=None, choices=["default", "official"],
+                   help="official: reproduce the official code's quirks (see the method's docs page)")
+    g = p.add_argument_group("multi-step diffusion models (seesr)")
+    g.add_argument("--seesr", default=None, metavar="PATH",
+                   help="the official seesr/ folder (unet/, controlnet/); default: $REALISR_SEESR, <checkpoints>/seesr")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (seesr: 50; seesr-turbo: 2)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (seesr: 5.5)")
+    g.add_argument("--start-point", default=None, choices=["lr", "noise"],
+                   help="lr: start from the noised LR latent (official default); noise: pure noise")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt of the guidance")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,6 +235,12 @@ def run(args) -> int:
     ctor = {}
     if args.sd is not None:
         ctor["sd"] = args.sd
+    if getattr(args, "seesr", None) is not None:
+        from realisr.registry import REGISTRY
+
+        if model_id not in REGISTRY or REGISTRY[model_id].family != "seesr":
+            raise RealisrError(f"--seesr is for -m seesr / seesr-turbo, not {model_id}")
+        ctor["seesr"] = args.seesr
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
     accepted = _accepted_call_args(pipe)
