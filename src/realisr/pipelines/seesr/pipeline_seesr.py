@@ -44,14 +44,14 @@ from ..diffusion_common import (OneStepDiffusionPipeline, ddpm_step, latent_tile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SeeSRPipeline", "seesr_prompt", "OFFICIAL_ADDED_PROMPT", "OFFICIAL_NEGATIVE_PROMPT", "COMPAT_MODES",
+__all__ = ["SeeSRPipeline", "seesr_prompt", "seesr_timesteps", "predict_eps", "denoise", "START_T", "OFFICIAL_ADDED_PROMPT", "OFFICIAL_NEGATIVE_PROMPT", "COMPAT_MODES",
            "START_POINTS"]
 
 OFFICIAL_ADDED_PROMPT = "clean, high-resolution, 8k"
 OFFICIAL_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 COMPAT_MODES = ("default", "official")
 START_POINTS = ("lr", "noise")
-_START_T = 999  # the official start_steps: z_T is built for this timestep
+START_T = 999  # the official start_steps: z_T is built for this timestep
 _ARGS = ("prompt", "tags", "image_embeds", "negative_prompt", "added_prompt", "steps", "guidance_scale",
          "conditioning_scale", "start_point", "color_fix", "process_size", "resize_mode", "latent_tile",
          "latent_overlap", "vae_tile", "compat", "latents", "posterior_noise", "step_noise", "keep_intermediates")
@@ -75,6 +75,87 @@ def _tag_string(tags) -> str:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def seesr_timesteps(scheduler, steps: int, compat: str = "default") -> list[int]:
+    """The denoising timesteps: the scheduler's own spacing (``compat="official"``; leading + offset for
+    SD-2-base: 751, 501, 251, 1 for 4 steps) or trailing (999, 749, 499, 249), so that the first step is the one
+    ``z_T`` was built for. Timesteps above 999 are skipped (official ``start_steps``)."""
+    overrides = {} if compat == "official" else {"timestep_spacing": "trailing"}
+    sched = type(scheduler).from_config(scheduler.config, **overrides)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps if int(t) <= START_T]
+
+
+def predict_eps(unet, controlnet, z, t: int, prompt_embeds, image_embeds, cond, *, guidance_scale: float,
+                conditioning_scale: float = 1.0, latent_tile: Optional[int] = None, latent_overlap: int = 0,
+                flavor: str = "pisa"):
+    """SeeSR's noise prediction at ``t``: ControlNet + UNet, tiled when the latents exceed ``latent_tile**2``
+    (Gaussian blending of the predictions), then CFG.
+
+    Args:
+        unet, controlnet: the SeeSR networks (the call runs in their device and dtype).
+        z: ``[B, 4, h, w]`` latents; cond: ``[B, 3, 8h, 8w]`` ControlNet condition in ``[0, 1]``.
+        prompt_embeds: ``[2B, 77, C]`` (negative first) with guidance, else ``[B, 77, C]``;
+            image_embeds: the soft prompt, batched the same way.
+        guidance_scale: ``eps = eps_u + g (eps_c - eps_u)`` when ``g > 1``; one conditional pass otherwise.
+
+    Returns:
+        float32 ``[B, 4, h, w]`` on the networks' device.
+    """
+    import torch
+
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    n = 2 if guidance_scale > 1.0 else 1
+    b = z.shape[0]
+    tt = torch.tensor(t, device=device, dtype=torch.long)
+
+    def fn(zt, ct):
+        zz, cc = zt.repeat(n, 1, 1, 1), ct.repeat(n, 1, 1, 1)
+        down, mid = controlnet(zz, tt, prompt_embeds, cc, conditioning_scale=conditioning_scale,
+                               image_encoder_hidden_states=image_embeds, return_dict=False)
+        out = unet(zz, tt, prompt_embeds, image_encoder_hidden_states=image_embeds,
+                   down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+        # [n*B, 4, h, w] -> [B, n*4, h, w] (unconditional channels first), so tiles blend both at once
+        return out.reshape(n, b, *out.shape[1:]).transpose(0, 1).reshape(b, -1, *out.shape[-2:])
+
+    with torch.no_grad():
+        out = tiled_latent_predict(fn, z.to(device=device, dtype=dtype), tile=latent_tile, overlap=latent_overlap,
+                                   flavor=flavor, context=cond, out_channels=4 * n)
+    if n == 1:
+        return out
+    eps_u, eps_c = out[:, :4], out[:, 4:]
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def denoise(unet, controlnet, alphas_cumprod, z, timesteps, *, noise_fn, on_step=None, callback=None,
+            **predict_kwargs):
+    """SeeSR's sampling loop: :func:`predict_eps` and a DDPM ancestral step (fixed_small) per timestep.
+
+    Args:
+        z: ``z_T`` (float32); timesteps: e.g. :func:`seesr_timesteps`.
+        noise_fn: ``i -> standard normal noise like z`` for step ``i`` (not called at ``t == 0``).
+        on_step: optional ``(i, t, z_in, eps, z_out)`` observer.
+        callback: progress callback (stage ``"denoise"``).
+        **predict_kwargs: ``prompt_embeds``, ``image_embeds``, ``cond``, ``guidance_scale``, ... of
+            :func:`predict_eps`.
+
+    Returns:
+        The final latents, float32.
+    """
+    from ...progress import report
+
+    report(callback, "denoise", 0, len(timesteps))
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        eps = predict_eps(unet, controlnet, z, t, **predict_kwargs)
+        z_prev, _ = ddpm_step(z, eps, alphas_cumprod, t, prev_t, noise_fn(i) if t > 0 else None)
+        if on_step is not None:
+            on_step(i, t, z, eps, z_prev)
+        z = z_prev
+        report(callback, "denoise", i + 1, len(timesteps), f"t={t}")
+    return z
 
 
 class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
@@ -265,36 +346,8 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         return emb
 
     def timesteps(self, steps: int, compat: str = "default") -> list[int]:
-        """The denoising timesteps: the scheduler's own spacing (``compat="official"``; leading + offset for
-        SD-2-base: 751, 501, 251, 1 for 4 steps) or trailing (999, 749, 499, 249), so that the first step is
-        the one ``z_T`` was built for. Timesteps above 999 are skipped (official ``start_steps``)."""
-        overrides = {} if compat == "official" else {"timestep_spacing": "trailing"}
-        sched = type(self.scheduler).from_config(self.scheduler.config, **overrides)
-        sched.set_timesteps(steps)
-        return [int(t) for t in sched.timesteps if int(t) <= _START_T]
-
-    def predict(self, z, t: int, prompt_embeds, image_embeds, cond, *, guidance: bool, conditioning_scale: float,
-                latent_tile: int, latent_overlap: int, flavor: str):
-        """ControlNet + UNet at ``t`` on ``z`` (tiled if large): float32 ``[1, 4 * (2 if guidance else 1), h, w]``
-        (the unconditional prediction first)."""
-        import torch
-
-        tt = torch.tensor(t, device=self.device, dtype=torch.long)
-        n = 2 if guidance else 1
-
-        def fn(zt, ct):
-            zz = zt.repeat(n, 1, 1, 1)
-            cc = ct.repeat(n, 1, 1, 1)
-            down, mid = self.controlnet(zz, tt, prompt_embeds, cc, conditioning_scale=conditioning_scale,
-                                        image_encoder_hidden_states=image_embeds, return_dict=False)
-            out = self.unet(zz, tt, prompt_embeds, image_encoder_hidden_states=image_embeds,
-                            down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                            return_dict=False)[0]
-            return out.reshape(1, -1, *out.shape[-2:])
-
-        with torch.no_grad():
-            return tiled_latent_predict(fn, z.to(device=self.device, dtype=self.dtype), tile=latent_tile,
-                                        overlap=latent_overlap, flavor=flavor, context=cond, out_channels=4 * n)
+        """See :func:`seesr_timesteps`."""
+        return seesr_timesteps(self.scheduler, steps, compat)
 
     def _draw(self, given, shape, generator, what: str):
         import torch
@@ -346,8 +399,6 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
                      keep_intermediates: bool = False):
         import torch
 
-        from ...progress import report
-
         d = self._defaults()
         steps = d["steps"] if steps is None else steps
         guidance_scale = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
@@ -359,7 +410,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
         tag_str, soft, tag_secs = self.semantics(x, tags, image_embeds, compat)
         text = seesr_prompt(tag_str, prompt or "", added_prompt, compat)
-        guidance = guidance_scale > 1.0
+        guidance = guidance_scale > 1.0  # as the official pipeline: no unconditional pass at g <= 1
         pos = self.prompt_embeds(text)
         emb = torch.cat([self.prompt_embeds(negative_prompt), pos]) if guidance else pos
         emb = emb.to(self.dtype)
@@ -383,34 +434,27 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         z_lr = ((post.mean.float().to(self.device) + post.std.float().to(self.device) * pnoise)
                 * self.vae.config.scaling_factor)
         if start_point == "lr":
-            z = self.scheduler.add_noise(z_lr, eps0, torch.tensor([_START_T], device=self.device))
+            z = self.scheduler.add_noise(z_lr, eps0, torch.tensor([START_T], device=self.device))
         else:
             z = eps0 * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
         z_t = z
         cond = pre.image.to(device=self.device, dtype=self.dtype)
         flavor = "osediff" if official else self.flavor
         rec: dict[str, list] = {"latents_in": [], "eps": [], "latents_out": []}
-        report(callback, "denoise", 0, len(ts))
-        for i, t in enumerate(ts):
-            prev_t = ts[i + 1] if i + 1 < len(ts) else -1
-            out = self.predict(z, t, emb, soft_in, cond, guidance=guidance, conditioning_scale=conditioning_scale,
-                               latent_tile=lt, latent_overlap=lo, flavor=flavor)
-            if guidance:
-                eps_u, eps_c = out[:, :4], out[:, 4:]
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-            else:
-                eps = out
-            noise = None
-            if t > 0:
-                noise = step_noise[i].to(self.device) if step_noise is not None else \
-                    self._draw(None, (1, 4, h, w), generator, "step noise")
-            z_prev, _ = ddpm_step(z, eps, self.scheduler.alphas_cumprod, t, prev_t, noise)
-            if keep_intermediates:
-                rec["latents_in"].append(z.cpu())
-                rec["eps"].append(eps.cpu())
-                rec["latents_out"].append(z_prev.cpu())
-            z = z_prev
-            report(callback, "denoise", i + 1, len(ts), f"t={t}")
+
+        def noise_fn(i):
+            if step_noise is not None:
+                return step_noise[i].to(self.device)
+            return self._draw(None, (1, 4, h, w), generator, "step noise")
+
+        def record(i, t, z_in, eps, z_out):
+            for key, v in (("latents_in", z_in), ("eps", eps), ("latents_out", z_out)):
+                rec[key].append(v.cpu())
+
+        z = denoise(self.unet, self.controlnet, self.scheduler.alphas_cumprod, z, ts, noise_fn=noise_fn,
+                    on_step=record if keep_intermediates else None, callback=callback, prompt_embeds=emb,
+                    image_embeds=soft_in, cond=cond, guidance_scale=guidance_scale,
+                    conditioning_scale=conditioning_scale, latent_tile=lt, latent_overlap=lo, flavor=flavor)
         raw = vae_decode(self.vae, z, vae_tile=vae_tile, device=self.device, dtype=self.vae_dtype,
                          callback=callback, raw=True)
         y = self._finish_official(raw, pre, color_fix) if official else self._finish(raw, pre, color_fix)
