@@ -6,7 +6,7 @@ typo or a wrong type in the YAML or in ``--set`` fails before anything heavy is 
 names the key. ``--set`` values are parsed as YAML scalars/lists (``--set train.max_steps=10``,
 ``--set data.hq=[a/,b.txt]``, ``--set loss.lpips=0``).
 
-Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``) live in ``realisr/train/recipes/*.yaml`` and can be
+Built-in recipes (``pisa-sr``, ``osediff``, ``seesr``, ``tiny-cpu``, ``tiny-cpu-seesr``) live in ``realisr/train/recipes/*.yaml`` and can be
 named instead of a path.
 """
 
@@ -30,6 +30,7 @@ __all__ = [
     "ValidationConfig",
     "PiSASRConfig",
     "OSEDiffConfig",
+    "SeeSRConfig",
     "load_recipe",
     "builtin_recipes",
     "apply_overrides",
@@ -208,6 +209,33 @@ class OSEDiffConfig:
 
 
 @dataclass
+class SeeSRConfig:
+    """SeeSR specifics (stage 2: the ControlNet and the UNet's image attentions; the DAPE tagger is stage 1).
+
+    Attributes:
+        paired_roots: folders in the official layout (``gt/``, ``sr_bicubic/`` and optionally ``tag/*.txt``),
+            paired by file name (sorted; the official dataset zips three unsorted globs). Empty: HQ crops from
+            ``data.hq`` degraded on the fly (``data.degradation``, then bicubic x ``data.scale``).
+        tags: the text prompt of a training image: ``ram`` (plain RAM on the HQ image, official), ``captions``
+            (``data.captions`` / the ``tag/`` files), ``none`` (always ""), ``auto`` (captions when given, else
+            ram). ``data.null_text_ratio`` then replaces each image's prompt by "" (per image, as official).
+        tagger_root: a folder searched first for the RAM / DAPE files (see :mod:`realisr.tagging.loading`).
+        ram, dape: explicit paths of ``ram_swin_large_14m.pth`` and ``DAPE.pth``.
+        validation_steps, validation_guidance: sampling of the validation images (trailing DDPM steps, CFG).
+        negative_prompt: the CFG negative prompt of the validation images.
+    """
+
+    paired_roots: list = field(default_factory=list)
+    tags: str = "auto"
+    tagger_root: Optional[str] = None
+    ram: Optional[str] = None
+    dape: Optional[str] = None
+    validation_steps: int = 20
+    validation_guidance: float = 5.5
+    negative_prompt: str = "dotted, noise, blur, lowres, smooth"
+
+
+@dataclass
 class RecipeConfig:
     """A whole training recipe."""
 
@@ -221,6 +249,7 @@ class RecipeConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     pisa_sr: PiSASRConfig = field(default_factory=PiSASRConfig)
     osediff: OSEDiffConfig = field(default_factory=OSEDiffConfig)
+    seesr: SeeSRConfig = field(default_factory=SeeSRConfig)
 
     def validate(self) -> "RecipeConfig":
         """Check values that types alone cannot (ranges, choices). Returns self; raises RecipeError."""
@@ -228,7 +257,8 @@ class RecipeConfig:
             if not ok:
                 raise RecipeError(f"recipe: {msg}")
 
-        need(self.method in ("pisa-sr", "osediff"), f"method must be 'pisa-sr' or 'osediff', got {self.method!r}")
+        need(self.method in ("pisa-sr", "osediff", "seesr"),
+             f"method must be 'pisa-sr', 'osediff' or 'seesr', got {self.method!r}")
         need(self.train.mixed_precision in ("no", "fp16", "bf16"),
              f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}")
         need(self.train.max_steps > 0, "train.max_steps must be > 0")
@@ -244,6 +274,9 @@ class RecipeConfig:
         need(self.osediff.fake_unet_adapters in ("all", "others"),
              "osediff.fake_unet_adapters must be 'all' or 'others'")
         need(0 <= self.pisa_sr.pix_steps, "pisa_sr.pix_steps must be >= 0")
+        need(self.seesr.tags in ("auto", "ram", "captions", "none"),
+             "seesr.tags must be auto, ram, captions or none")
+        need(self.seesr.validation_steps >= 1, "seesr.validation_steps must be >= 1")
         for k in ("l2", "lpips", "csd", "vsd", "vsd_lora"):
             need(getattr(self.loss, k) >= 0, f"loss.{k} must be >= 0")
         return self

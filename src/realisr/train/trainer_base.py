@@ -394,10 +394,10 @@ class BaseTrainer:
         """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process).
 
         ``<name>.pkl`` has the official layout (loads in the official code and :mod:`realisr.weights.official`);
-        ``<name>.safetensors`` is the same content in the format of ``realisr convert``.
+        ``<name>.safetensors`` is the same content in the format of ``realisr convert``. A method with another
+        official layout overrides :meth:`write_official_checkpoint`.
         """
         from realisr.weights.cache import atomic_save_file
-        from realisr.weights.official import save_pkl, save_safetensors
 
         from accelerate.utils import gather_object
 
@@ -412,9 +412,7 @@ class BaseTrainer:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
-            official = self.official_checkpoint()
-            save_pkl(official, tmp / f"{self.checkpoint_name}.pkl")
-            save_safetensors(official, tmp / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+            self.write_official_checkpoint(tmp)
             atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
@@ -427,6 +425,15 @@ class BaseTrainer:
             logger.info("checkpoint written: %s", folder)
         acc.wait_for_everyone()
         return folder
+
+    def write_official_checkpoint(self, folder: Path) -> None:
+        """Write the method's official checkpoint files into ``folder`` (default: ``<name>.pkl`` in the official
+        layout and the same content as ``<name>.safetensors``)."""
+        from realisr.weights.official import save_pkl, save_safetensors
+
+        official = self.official_checkpoint()
+        save_pkl(official, folder / f"{self.checkpoint_name}.pkl")
+        save_safetensors(official, folder / f"{self.checkpoint_name}.safetensors")  # validates the layout too
 
     def _prune_checkpoints(self) -> None:
         keep = self.cfg.train.keep_checkpoints

@@ -23,9 +23,9 @@ from ..errors import CheckpointError, WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SEESR_ENV", "SD2_BASE", "SD2_ENV", "SD_TURBO", "SD_TURBO_ENV", "find_seesr_dir", "resolve_seesr_dir",
-           "load_seesr_unet", "load_seesr_controlnet", "seesr_unet_from_sd", "save_seesr_folder",
-           "IMAGE_ATTENTION_KEY"]
+__all__ = ["SEESR_ENV", "SD2_BASE", "SD2_ENV", "SD_TURBO", "SD_TURBO_ENV", "IMAGE_ATTENTION_KEY", "find_seesr_dir",
+           "resolve_seesr_dir", "read_model_weights", "load_seesr_unet", "load_seesr_controlnet",
+           "seesr_unet_from_sd", "save_seesr_folder", "weights_status"]
 
 SEESR_ENV = "REALISR_SEESR"
 SD2_BASE = "stabilityai/stable-diffusion-2-base"
@@ -75,9 +75,10 @@ def resolve_seesr_dir(seesr=None) -> Path:
     return found
 
 
-def _read_weights(folder: Path, keep: Callable[[str], bool] = lambda k: True) -> dict:
+def read_model_weights(folder, keep: Callable[[str], bool] = lambda k: True) -> dict:
     """The tensors of a diffusers model folder whose names pass ``keep`` (safetensors, else a .bin read with
     ``weights_only=True``)."""
+    folder = Path(folder)
     st = folder / _WEIGHT_FILES[0]
     if st.is_file():
         from safetensors import safe_open
@@ -120,8 +121,8 @@ def _turbo_unet(base_dir: Path, seesr_unet_dir: Path):
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     config["use_image_cross_attention"] = True
     unet = SeeSRUNet2DConditionModel.from_config(config)
-    state = _read_weights(base_dir, lambda k: IMAGE_ATTENTION_KEY not in k)
-    image = _read_weights(seesr_unet_dir, lambda k: IMAGE_ATTENTION_KEY in k)
+    state = read_model_weights(base_dir, lambda k: IMAGE_ATTENTION_KEY not in k)
+    image = read_model_weights(seesr_unet_dir, lambda k: IMAGE_ATTENTION_KEY in k)
     if not image:
         raise ValueError(f"{seesr_unet_dir} holds no image_attentions tensors")
     state.update(image)
