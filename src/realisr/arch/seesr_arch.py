@@ -170,33 +170,21 @@ def add_image_attention(model: nn.Module, dim: int = 512) -> nn.Module:
     return model
 
 
-def _init_keys(base: type):
-    """``ConfigMixin._get_init_keys`` for a subclass whose ``__init__`` forwards ``**kwargs`` to ``base``: its own
-    keys plus the base class's, so diffusers passes every config entry through."""
-    def get(input_class):
-        keys = set(inspect.signature(input_class.__init__).parameters)
-        if issubclass(input_class, base) and input_class is not base and "kwargs" in keys:
-            keys |= set(inspect.signature(base.__init__).parameters)
-        return keys
-    return staticmethod(get)
-
-
 def _with_image_states(cross_attention_kwargs: Optional[dict], image_states: Optional[torch.Tensor]) -> dict:
     kwargs = dict(cross_attention_kwargs or {})
     kwargs[IMAGE_STATES_KEY] = image_states
     return kwargs
 
 
-class SeeSRUNet2DConditionModel(UNet2DConditionModel):
-    """SD's UNet with SeeSR's image attentions (official ``UNet2DConditionModel(use_image_cross_attention=True)``).
+class _ImageAttentionModel:
+    """What the SeeSR UNet and ControlNet add to their diffusers class: the image attentions (built after the
+    diffusers ``__init__``, recorded in the config) and the ``image_encoder_hidden_states`` forward argument.
 
     Args:
-        use_image_cross_attention: add the image attentions (``False``: a plain diffusers UNet).
+        use_image_cross_attention: add the image attentions (``False``: the plain diffusers model).
         image_cross_attention_dim: width of the soft-prompt tokens (512 for DAPE).
-        **kwargs: ``UNet2DConditionModel`` configuration.
+        *args, **kwargs: the diffusers class's configuration.
     """
-
-    _get_init_keys = _init_keys(UNet2DConditionModel)
 
     def __init__(self, *args, use_image_cross_attention: bool = True, image_cross_attention_dim: int = 512,
                  **kwargs):
@@ -206,34 +194,39 @@ class SeeSRUNet2DConditionModel(UNet2DConditionModel):
         if use_image_cross_attention:
             add_image_attention(self, image_cross_attention_dim)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
-                image_encoder_hidden_states: Optional[torch.Tensor] = None,
+    @staticmethod
+    def _get_init_keys(input_class):
+        """``ConfigMixin._get_init_keys``: this ``__init__`` forwards ``**kwargs`` to the diffusers class, whose
+        keys are added so that diffusers passes every config entry through."""
+        keys = set(inspect.signature(input_class.__init__).parameters)
+        if issubclass(input_class, _ImageAttentionModel) and "kwargs" in keys:
+            base = next(c for c in input_class.__mro__ if "__init__" in vars(c)
+                        and not issubclass(c, _ImageAttentionModel))
+            keys |= set(inspect.signature(base.__init__).parameters)
+        return keys
+
+    def forward(self, *args, image_encoder_hidden_states: Optional[torch.Tensor] = None,
                 cross_attention_kwargs: Optional[dict[str, Any]] = None, **kwargs):
         """diffusers' forward plus ``image_encoder_hidden_states`` ``[B, N, image_cross_attention_dim]``."""
         if self.config.use_image_cross_attention:
             cross_attention_kwargs = _with_image_states(cross_attention_kwargs, image_encoder_hidden_states)
-        return super().forward(sample, timestep, encoder_hidden_states, *args,
-                               cross_attention_kwargs=cross_attention_kwargs, **kwargs)
+        return super().forward(*args, cross_attention_kwargs=cross_attention_kwargs, **kwargs)
 
 
-class SeeSRControlNetModel(ControlNetModel):
-    """diffusers' ControlNet with SeeSR's image attentions (official ``ControlNetModel(use_image_cross_attention=True)``).
+class SeeSRUNet2DConditionModel(_ImageAttentionModel, UNet2DConditionModel):
+    """SD's UNet with SeeSR's image attentions (official ``UNet2DConditionModel(use_image_cross_attention=True)``).
 
-    Args:
-        use_image_cross_attention: add the image attentions to the down and mid blocks.
-        image_cross_attention_dim: width of the soft-prompt tokens (512 for DAPE).
-        **kwargs: ``ControlNetModel`` configuration.
+    ``forward(sample, timestep, encoder_hidden_states, image_encoder_hidden_states=..., ...)``; see
+    :class:`_ImageAttentionModel` for the extra configuration.
     """
 
-    _get_init_keys = _init_keys(ControlNetModel)
 
-    def __init__(self, *args, use_image_cross_attention: bool = True, image_cross_attention_dim: int = 512,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_to_config(use_image_cross_attention=use_image_cross_attention,
-                                image_cross_attention_dim=image_cross_attention_dim)
-        if use_image_cross_attention:
-            add_image_attention(self, image_cross_attention_dim)
+class SeeSRControlNetModel(_ImageAttentionModel, ControlNetModel):
+    """diffusers' ControlNet with SeeSR's image attentions in its down and mid blocks (official
+    ``ControlNetModel(use_image_cross_attention=True)``).
+
+    ``forward(sample, timestep, encoder_hidden_states, controlnet_cond, image_encoder_hidden_states=..., ...)``.
+    """
 
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, *args, load_weights_from_unet: bool = True, **kwargs):
@@ -247,12 +240,3 @@ class SeeSRControlNetModel(ControlNetModel):
         if not unet.config.get("use_image_cross_attention", False) or dim != 512:
             raise ValueError("SeeSRControlNetModel.from_unet needs a SeeSR UNet (image attentions of width 512)")
         return super().from_unet(unet, *args, load_weights_from_unet=load_weights_from_unet, **kwargs)
-
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, controlnet_cond, *args,
-                image_encoder_hidden_states: Optional[torch.Tensor] = None,
-                cross_attention_kwargs: Optional[dict[str, Any]] = None, **kwargs):
-        """diffusers' forward plus ``image_encoder_hidden_states`` ``[B, N, image_cross_attention_dim]``."""
-        if self.config.use_image_cross_attention:
-            cross_attention_kwargs = _with_image_states(cross_attention_kwargs, image_encoder_hidden_states)
-        return super().forward(sample, timestep, encoder_hidden_states, controlnet_cond, *args,
-                               cross_attention_kwargs=cross_attention_kwargs, **kwargs)

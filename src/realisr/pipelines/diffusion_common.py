@@ -34,7 +34,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections import OrderedDict
 
 import numpy as np
 
@@ -55,6 +58,7 @@ __all__ = [
     "vae_posterior",
     "vae_encode",
     "vae_decode",
+    "cached_prompt_embeds",
     "dial_to_latent",
     "vae_dtype_for",
     "move_module",
@@ -442,6 +446,23 @@ def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dt
         if raw:
             return out
         return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prompts
+def cached_prompt_embeds(cache: "OrderedDict", tokenizer, text_encoder, prompt: str, size: int = 8):
+    """The CLIP embedding ``[1, 77, C]`` of ``prompt`` (``encode_prompt``), kept in ``cache`` (an ``OrderedDict``
+    holding the last ``size`` prompts): a pipeline re-encodes a prompt only when it changes."""
+    from ..models.backbone import encode_prompt
+
+    if prompt in cache:
+        cache.move_to_end(prompt)
+        return cache[prompt]
+    emb = encode_prompt(tokenizer, text_encoder, prompt)
+    cache[prompt] = emb
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return emb
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from realisr.train.losses import diffusion_loss
-from realisr.train.trainer_base import BaseTrainer, TrainingError
+from realisr.train.trainer_base import BaseTrainer
 
 __all__ = ["SeeSRDenoiser", "SeeSRTrainer", "seesr_eps_loss", "dape_training_input"]
 
@@ -176,15 +176,7 @@ class SeeSRTrainer(BaseTrainer):
             files = list_sources(cfg.data.hq)
             self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, load_captions(cfg.data.captions))
             self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device, resize_back=False)
-        need = cfg.data.batch_size * self.accelerator.num_processes
-        if len(self.dataset) < need:
-            raise TrainingError(f"{len(self.dataset)} training images for a global batch of {need}: add images, "
-                                "raise their repeat factor or lower data.batch_size")
-        g = torch.Generator().manual_seed(cfg.seed)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
-            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-        self.dataloader = self.accelerator.prepare(loader)
+        self._prepare_loader()
         self._val = None
         if cfg.validation.every > 0 and cfg.validation.num > 0 and self.accelerator.is_main_process:
             if self._pairs:

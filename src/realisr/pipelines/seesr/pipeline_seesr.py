@@ -39,8 +39,9 @@ from collections import OrderedDict
 from typing import Optional
 
 from ..base import SRPipeline
-from ..diffusion_common import (OneStepDiffusionPipeline, ddpm_step, latent_tile_plan, move_module, pil_resize,
-                                preprocess, tiled_latent_predict, vae_decode, vae_posterior)
+from ..diffusion_common import (OneStepDiffusionPipeline, cached_prompt_embeds, ddpm_step, finish_output,
+                                latent_tile_plan, move_module, preprocess, tiled_latent_predict, vae_decode,
+                                vae_posterior)
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +297,9 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
             from ...tagging import load_tagger
 
             kind = self._tagger or "dape"
+            kwargs = {"dtype": "fp32", **self._tagger_kwargs}  # fp32 as the official script: tags sit on thresholds
             try:
-                self._tagger = load_tagger(kind, device=self.device, **self._tagger_kwargs)
+                self._tagger = load_tagger(kind, device=self.device, **kwargs)
             except WeightsNotFoundError as e:
                 raise WeightsNotFoundError(f"SeeSR takes its prompt and soft prompt from the {kind.upper()} tagger: "
                                            f"{e} (or pass tags= and image_embeds=)") from e
@@ -334,16 +336,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     def prompt_embeds(self, prompt: str):
         """The CLIP embedding ``[1, 77, C]`` of ``prompt`` (cached for the last few prompts)."""
-        from ...models.backbone import encode_prompt
-
-        if prompt in self._embeds:
-            self._embeds.move_to_end(prompt)
-            return self._embeds[prompt]
-        emb = encode_prompt(self.tokenizer, self.text_encoder, prompt)
-        self._embeds[prompt] = emb
-        while len(self._embeds) > 8:
-            self._embeds.popitem(last=False)
-        return emb
+        return cached_prompt_embeds(self._embeds, self.tokenizer, self.text_encoder, prompt)
 
     def timesteps(self, steps: int, compat: str = "default") -> list[int]:
         """See :func:`seesr_timesteps`."""
@@ -376,19 +369,10 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         out = out.resize((pre.out_size[1], pre.out_size[0]), Image.BICUBIC)
         return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)[None].float().div(255)
 
-    def _finish(self, raw, pre, color_fix: str):
-        from ...color_fix import color_fix as _fix
-        from PIL import Image
-
-        y = (raw.float().clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
-        src = pre.image.to(y.device)
-        if pre.mode == "pad":
-            ch, cw = pre.content_size
-            y, src = y[..., :ch, :cw], src[..., :ch, :cw]
-        y = _fix(y, src, color_fix).cpu()
-        if tuple(y.shape[-2:]) != tuple(pre.out_size):
-            y = pil_resize(y.contiguous(), (pre.out_size[1], pre.out_size[0]), Image.BICUBIC, exact_8bit=False)
-        return y.contiguous()
+    @staticmethod
+    def _finish(raw, pre, color_fix: str):
+        """Float post-processing: ``clamp(raw) * 0.5 + 0.5``, colour fix, resize to 4x (see ``finish_output``)."""
+        return finish_output((raw.float().clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0), pre, color_fix)
 
     def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, prompt: str = "", tags=None,
                      image_embeds=None, negative_prompt: Optional[str] = None, added_prompt: Optional[str] = None,
