@@ -301,7 +301,12 @@ def is_v1_state_dict(sd: dict) -> bool:
 
 
 def _load_strict(module, state: dict, what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise CheckpointError(f"CCSR-v1 {what}: tensors do not fit the model ({lines[0] if lines else 'bad shapes'}; "
+                              f"{len(lines)} mismatches): is the backbone config right?") from None
     if missing or unexpected:
         bad = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
         raise CheckpointError(f"CCSR-v1 {what}: the converted tensors do not fit the model ({bad}; "
