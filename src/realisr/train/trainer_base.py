@@ -279,6 +279,15 @@ class BaseTrainer:
         """The checkpoint dict in the official .pkl layout."""
         raise NotImplementedError
 
+    def write_official(self, folder: Path) -> None:
+        """Write the checkpoint files users load (default: ``<name>.pkl`` in the official layout and its
+        ``.safetensors``); methods with another official format override this."""
+        from realisr.weights.official import save_pkl, save_safetensors
+
+        official = self.official_checkpoint()
+        save_pkl(official, folder / f"{self.checkpoint_name}.pkl")
+        save_safetensors(official, folder / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+
     def generate(self, lq: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         """Eval-mode SR of LQ images in [0,1] (already at the HQ size) -> [0,1]."""
         raise NotImplementedError
@@ -397,7 +406,6 @@ class BaseTrainer:
         ``<name>.safetensors`` is the same content in the format of ``realisr convert``.
         """
         from realisr.weights.cache import atomic_save_file
-        from realisr.weights.official import save_pkl, save_safetensors
 
         from accelerate.utils import gather_object
 
@@ -412,9 +420,7 @@ class BaseTrainer:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
-            official = self.official_checkpoint()
-            save_pkl(official, tmp / f"{self.checkpoint_name}.pkl")
-            save_safetensors(official, tmp / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+            self.write_official(tmp)
             atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
