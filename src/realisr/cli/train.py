@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, seesr, tiny-cpu, "
-                                       "tiny-cpu-seesr")
+    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
+                                       "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, seesr, tiny-cpu-seesr")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -39,6 +39,10 @@ def make_trainer(cfg, callback=None):
         from realisr.train.trainer_pisa_sr import PiSASRTrainer
 
         return PiSASRTrainer(cfg, callback=callback)
+    if cfg.method == "ccsr":
+        from realisr.train.trainer_ccsr import CCSRTrainer
+
+        return CCSRTrainer(cfg, callback=callback)
     if cfg.method == "seesr":
         from realisr.train.trainer_seesr import SeeSRTrainer
 

@@ -29,10 +29,17 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    # multi-step diffusion (CCSR, SeeSR)
     "steps": "steps",
     "guidance_scale": "guidance_scale",
-    "start_point": "start_point",
     "negative_prompt": "negative_prompt",
+    "conditioning_scale": "conditioning_scale",
+    # CCSR
+    "preset": "preset",
+    "t_max": "t_max",
+    "t_min": "t_min",
+    # SeeSR
+    "start_point": "start_point",
     "compat": "compat",
 }
 SAMPLE_PREFIX = "sample:"
@@ -67,7 +74,7 @@ def add_arguments(p) -> None:
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
     g.add_argument("--seed", type=int, default=None, help="seed for pipelines that sample")
-    g = p.add_argument_group("diffusion models (pisa-sr, osediff)")
+    g = p.add_argument_group("diffusion models (pisa-sr, osediff, ccsr)")
     g.add_argument("--sd", default=None,
                    help="SD-2.1-base: local diffusers folder or hub id (default: $REALISR_SD, then the HF cache)")
     g.add_argument("--lambda-pix", type=float, default=None, help="PiSA-SR pixel-fidelity dial (default 1.0)")
@@ -75,7 +82,7 @@ def add_arguments(p) -> None:
     g.add_argument("--lambda-grid", default=None, metavar="VALUES",
                    help="PiSA-SR: render a grid of dial settings from one pair of UNet passes, e.g. "
                         "'0,0.5,1,1.5' (both dials) or '0,1;0.5,1,1.5' (pix values;sem values)")
-    g.add_argument("--prompt", default=None, help="OSEDiff prompt text")
+    g.add_argument("--prompt", default=None, help="OSEDiff / CCSR prompt text")
     g.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"], help="colour fix")
     g.add_argument("--process-size", type=int, default=None, help="diffusion processing size (default 512)")
     g.add_argument("--resize-mode", default=None, choices=["official", "pad"],
@@ -84,15 +91,26 @@ def add_arguments(p) -> None:
     g.add_argument("--latent-overlap", type=int, default=None, help="latent tile overlap (default 32)")
     g.add_argument("--vae-tile", type=int, default=None, help="VAE tile size in pixels (default: automatic)")
     g.add_argument("--compat", default=None, choices=["default", "official"],
-                   help="official: reproduce the official code's quirks (see the method's docs page)")
-    g = p.add_argument_group("multi-step diffusion models (seesr)")
+                   help="official: reproduce the official code's known bugs (see the method's docs page)")
+    g = p.add_argument_group("multi-step diffusion models (ccsr, seesr)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (ccsr one-step: 1, two-step: 6; seesr: 50; seesr-turbo: 2)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (1 = off; seesr: 5.5)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt of the guidance")
+    g.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    g = p.add_argument_group("CCSR (ccsr, ccsr-v1; see docs/ccsr.md)")
+    g.add_argument("--ccsr", default=None, metavar="DIR_OR_ID",
+                   help="CCSR weights: folder with controlnet/ and vae/ (v1: a `realisr convert` folder) or a hub id "
+                        "(default: <checkpoints>/ccsr, <checkpoints>/ccsr-v1)")
+    g.add_argument("--preset", default=None, help="named settings: one-step (default), two-step")
+    g.add_argument("--t-max", type=float, default=None, help="re-noise point as a fraction of the steps")
+    g.add_argument("--t-min", type=float, default=None, help="truncation point (0: no truncation)")
+    g = p.add_argument_group("SeeSR (seesr, seesr-turbo; see docs/seesr.md)")
     g.add_argument("--seesr", default=None, metavar="PATH",
                    help="the official seesr/ folder (unet/, controlnet/); default: $REALISR_SEESR, <checkpoints>/seesr")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (seesr: 50; seesr-turbo: 2)")
-    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (seesr: 5.5)")
     g.add_argument("--start-point", default=None, choices=["lr", "noise"],
                    help="lr: start from the noised LR latent (official default); noise: pure noise")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt of the guidance")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,6 +253,12 @@ def run(args) -> int:
     ctor = {}
     if args.sd is not None:
         ctor["sd"] = args.sd
+    if getattr(args, "ccsr", None) is not None:
+        from realisr.registry import REGISTRY
+
+        if model_id not in REGISTRY or REGISTRY[model_id].family != "ccsr":
+            raise RealisrError(f"--ccsr is for -m ccsr / ccsr-v1, not {model_id}")
+        ctor["weights"] = args.ccsr
     if getattr(args, "seesr", None) is not None:
         from realisr.registry import REGISTRY
 

@@ -569,6 +569,11 @@ class OneStepDiffusionPipeline:
         if not isinstance(kwargs.get("sample_posterior", False), bool):
             raise ValueError("sample_posterior must be True or False")
 
+    @classmethod
+    def is_stochastic(cls, spec, **call_kwargs) -> bool:
+        """Sampling the VAE posterior (``sample_posterior=True``) makes a call depend on ``generator``."""
+        return bool(spec.options.get("stochastic", False) or call_kwargs.get("sample_posterior", False))
+
     def _latent_tiling(self, tile, tile_pad, latent_tile, latent_overlap) -> tuple[int, int]:
         """The latent tile/overlap: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input
         pixels) converted to latents, else the registry defaults (96 / 32)."""

@@ -6,7 +6,8 @@ typo or a wrong type in the YAML or in ``--set`` fails before anything heavy is 
 names the key. ``--set`` values are parsed as YAML scalars/lists (``--set train.max_steps=10``,
 ``--set data.hq=[a/,b.txt]``, ``--set loss.lpips=0``).
 
-Built-in recipes (``pisa-sr``, ``osediff``, ``seesr``, ``tiny-cpu``, ``tiny-cpu-seesr``) live in ``realisr/train/recipes/*.yaml`` and can be
+Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``, ``ccsr-controlnet``, ``ccsr``, ``ccsr-stage2``,
+``ccsr-tiny-cpu``, ``seesr``, ``tiny-cpu-seesr``) live in ``realisr/train/recipes/*.yaml`` and can be
 named instead of a path.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "PiSASRConfig",
     "OSEDiffConfig",
     "SeeSRConfig",
+    "CCSRConfig",
     "load_recipe",
     "builtin_recipes",
     "apply_overrides",
@@ -236,6 +238,48 @@ class SeeSRConfig:
 
 
 @dataclass
+class CCSRConfig:
+    """CCSR-v2 specifics (one stage per run; docs/training.md).
+
+    Attributes:
+        stage: ``controlnet`` (pre-training: eps-MSE, t ~ U[0, 1000)), ``stage1`` (the three latent losses on
+            the truncated schedule; only the ControlNet trains) or ``stage2`` (VAE decoder + discriminator).
+        t_max: the re-noise point of stage 1 (``t_tau = round(1000 t_max)``, 667) and of the stage-2 sampler.
+        t_min: the truncation point of the stage-2 sampler (with ``inference_steps > 1``).
+        inference_steps: N of the stage-2 / validation sampler (1: the one-step ``x0_T``).
+        is_start_lr: stage 1 starts ``x_T`` from the LR latent instead of the GT latent (official: false).
+        begin_disc: stage-2 step from which LPIPS and the GAN losses are on (official 100).
+        disc_weight: weight of the generator's adversarial loss (official 0.05).
+        disc_train_weight: weight of the hinge discriminator loss (official 0.5).
+        disc_lr, disc_betas: the discriminator's AdamW (official 5e-6, (0.9, 0.999)).
+        discriminator: ``dino`` (the official frozen DINO ViT-S/16 features + DINOv2 ViT-S/14 condition; needs
+            their files) or ``tiny`` (small random ViTs: plumbing checks on a CPU, not for real training).
+        dino_weights, dinov2_weights: the official files (default: ``<checkpoints>/dino/<name>``).
+        disc_size, cond_size: input sizes of the two ViTs (224 / 518; the tiny ones use 32).
+        hooks: blocks whose outputs the heads judge (with the patch embedding).
+        cmap_dim: projection size of the conditional heads.
+    """
+
+    stage: str = "stage1"
+    t_max: float = 0.6667
+    t_min: float = 0.0
+    inference_steps: int = 1
+    is_start_lr: bool = False
+    begin_disc: int = 100
+    disc_weight: float = 0.05
+    disc_train_weight: float = 0.5
+    disc_lr: float = 5e-6
+    disc_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    discriminator: str = "dino"
+    dino_weights: Optional[str] = None
+    dinov2_weights: Optional[str] = None
+    disc_size: int = 224
+    cond_size: int = 518
+    hooks: list = field(default_factory=lambda: [2, 5, 8, 11])
+    cmap_dim: int = 64
+
+
+@dataclass
 class RecipeConfig:
     """A whole training recipe."""
 
@@ -250,6 +294,7 @@ class RecipeConfig:
     pisa_sr: PiSASRConfig = field(default_factory=PiSASRConfig)
     osediff: OSEDiffConfig = field(default_factory=OSEDiffConfig)
     seesr: SeeSRConfig = field(default_factory=SeeSRConfig)
+    ccsr: CCSRConfig = field(default_factory=CCSRConfig)
 
     def validate(self) -> "RecipeConfig":
         """Check values that types alone cannot (ranges, choices). Returns self; raises RecipeError."""
@@ -257,8 +302,14 @@ class RecipeConfig:
             if not ok:
                 raise RecipeError(f"recipe: {msg}")
 
-        need(self.method in ("pisa-sr", "osediff", "seesr"),
-             f"method must be 'pisa-sr', 'osediff' or 'seesr', got {self.method!r}")
+        need(self.method in ("pisa-sr", "osediff", "ccsr", "seesr"),
+             f"method must be 'pisa-sr', 'osediff', 'ccsr' or 'seesr', got {self.method!r}")
+        need(self.ccsr.stage in ("controlnet", "stage1", "stage2"),
+             f"ccsr.stage must be controlnet, stage1 or stage2, got {self.ccsr.stage!r}")
+        need(0.0 <= self.ccsr.t_min < self.ccsr.t_max <= 1.0, "ccsr: need 0 <= t_min < t_max <= 1")
+        need(self.ccsr.inference_steps >= 1, "ccsr.inference_steps must be >= 1")
+        need(self.ccsr.discriminator in ("dino", "tiny"), "ccsr.discriminator must be 'dino' or 'tiny'")
+        need(len(self.ccsr.disc_betas) == 2, "ccsr.disc_betas must be a list of two numbers")
         need(self.train.mixed_precision in ("no", "fp16", "bf16"),
              f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}")
         need(self.train.max_steps > 0, "train.max_steps must be > 0")

@@ -240,7 +240,7 @@ class SeeSRTrainer(BaseTrainer):
         return logs
 
     # ------------------------------------------------------------------------------------------- checkpoint
-    def write_official_checkpoint(self, folder: Path) -> None:
+    def write_official(self, folder: Path) -> None:
         """``<folder>/seesr/{unet,controlnet}`` in the official layout."""
         from realisr.weights.seesr import save_seesr_folder
 
@@ -279,5 +279,5 @@ class SeeSRTrainer(BaseTrainer):
             model.train(was_training)
         return (x * 0.5 + 0.5).clamp(0, 1)
 
-    def official_checkpoint(self) -> dict:  # pragma: no cover - SeeSR writes folders, see write_official_checkpoint
-        raise NotImplementedError("SeeSR checkpoints are diffusers folders (write_official_checkpoint)")
+    def official_checkpoint(self) -> dict:  # pragma: no cover - SeeSR writes folders, see write_official
+        raise NotImplementedError("SeeSR checkpoints are diffusers folders (write_official)")

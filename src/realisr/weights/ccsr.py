@@ -53,6 +53,7 @@ __all__ = [
     "resolve_ccsr_weights",
     "load_ccsr_weights",
     "save_ccsr_release",
+    "write_release_parts",
     "read_v1_checkpoint",
     "is_v1_state_dict",
     "convert_v1_state_dict",
@@ -231,6 +232,25 @@ def check_compatible(controlnet, unet, what: str = "CCSR") -> None:
                                   "SD-2.1-base backbone the ControlNet was trained on")
 
 
+def write_release_parts(folder, *, controlnet=None, vae=None, unet=None, marker: Optional[dict] = None) -> None:
+    """Write components into an existing folder in the release layout (no atomic rename; see
+    :func:`save_ccsr_release`)."""
+    folder = Path(folder)
+    if controlnet is not None:
+        controlnet.save_pretrained(str(folder / "controlnet"), safe_serialization=True)
+        cfg_path = folder / "controlnet" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["_class_name"] = "ControlNetModel"
+        cfg["use_vae_encode_condition"] = True
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if vae is not None:
+        vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
+    if unet is not None:
+        unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    if marker is not None:
+        (folder / V1_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
 def save_ccsr_release(folder, *, controlnet, vae, unet=None, marker: Optional[dict] = None) -> Path:
     """Write components in the official release layout (diffusers folders, safetensors), atomically.
 
@@ -242,17 +262,7 @@ def save_ccsr_release(folder, *, controlnet, vae, unet=None, marker: Optional[di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        controlnet.save_pretrained(str(tmp / "controlnet"), safe_serialization=True)
-        cfg_path = tmp / "controlnet" / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["_class_name"] = "ControlNetModel"
-        cfg["use_vae_encode_condition"] = True
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
-        if unet is not None:
-            unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
-        if marker is not None:
-            (tmp / V1_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        write_release_parts(tmp, controlnet=controlnet, vae=vae, unet=unet, marker=marker)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -301,7 +311,12 @@ def is_v1_state_dict(sd: dict) -> bool:
 
 
 def _load_strict(module, state: dict, what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise CheckpointError(f"CCSR-v1 {what}: tensors do not fit the model ({lines[0] if lines else 'bad shapes'}; "
+                              f"{len(lines)} mismatches): is the backbone config right?") from None
     if missing or unexpected:
         bad = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
         raise CheckpointError(f"CCSR-v1 {what}: the converted tensors do not fit the model ({bad}; "

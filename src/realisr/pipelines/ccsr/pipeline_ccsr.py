@@ -432,8 +432,8 @@ class CCSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         dist = vae_posterior(self.vae, pre.image, vae_tile=vae_tile, device=self.device, dtype=self.vae_dtype,
                              callback=callback)
         mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-        rec("vae_enc.mean", mean)
-        rec("vae_enc.std", std)
+        rec("vae_enc.mean", mean.expand(b, -1, -1, -1))  # one row per CFG half, as the official batch
+        rec("vae_enc.std", std.expand(b, -1, -1, -1))
         sf = self.vae.config.scaling_factor
         if self.version == "v1":
             sample = mean.expand(b, -1, -1, -1)
@@ -460,12 +460,12 @@ class CCSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         rec("init.x0", x0)
         report(callback, "denoise", 1, total)
         final = x0
-        if not plan_sched.one_step or official:  # the official code draws the re-noise even for N = 1
+        if not plan_sched.one_step or official:  # officially re-noised (and discarded) even for N = 1
             n_tau = self._draw(noise.renoise, lat, generator, "renoise")
             rec("noise.tao", n_tau)
-        if not plan_sched.one_step:
             z = sch.add_noise(x0, n_tau.to(self.device), acp, plan_sched.t_tau)
             rec("init.z_tao", z)
+        if not plan_sched.one_step:
             variance = list(noise.variance or [])
             for i, (t, prev_t) in enumerate(zip(plan_sched.loop, plan_sched.prev)):
                 eps_raw = self.predict(z, cond, t, ehs, **kw)
