@@ -44,4 +44,5 @@ timeout 170 python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider 2>&1 | tee
 timeout 150 python3 benchmarks/bench_onestep.py --device cuda --dtype all 2>&1 | tee "$OUT/bench_eager.txt"
 timeout 200 python3 benchmarks/bench_onestep.py --device cuda --dtype bf16 --rows reference,pisa --channels-last \
   --compile --compile-mode reduce-overhead 2>&1 | tee "$OUT/bench_compiled.txt"
+timeout 30 python3 benchmarks/bench_tagger.py --device cuda --dtype fp16 --kinds dape 2>&1 | tee "$OUT/bench_tagger.txt"
 timeout 150 python3 benchmarks/bench_multistep.py --device cuda --dtype bf16 --repeats 2 2>&1 | tee "$OUT/bench_seesr.txt"

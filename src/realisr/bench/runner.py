@@ -253,6 +253,7 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
         except (OSError, ValueError):
             meta = {}
     seconds: dict = dict(meta.get("seconds", {}))
+    tags: dict = dict(meta.get("tags", {}))  # image -> the tag string a tagging method used (OSEDiff's DAPE)
     todo = [(p, k) for p in pairs for k in range(runs) if not sr_path(cfg, setting, p.name, k).is_file()]
     pipe = None
     if todo:
@@ -290,6 +291,8 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                 res = pipe(lq_f, generator=gen, **kwargs)
                 if k == 0:
                     seconds[p.name] = time.perf_counter() - t0
+                    if res.info.get("tags") is not None:
+                        tags[p.name] = res.info["tags"]
                 _save_png(out, res.image.pixels)
             except Exception as e:  # noqa: BLE001 - per-image failures are listed, not fatal
                 msg = _one_line(e)
@@ -298,8 +301,16 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                                  "seed": cfg.seed + k})
         step[0] += 1
         report(callback, "bench", step[0], total, f"{setting.label}: {p.name}")
-    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds})
+    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds, "tags": tags})
     return seconds
+
+
+def _method_tags(folder: Path) -> dict:
+    """image -> tag string recorded by :func:`_run_method` (empty for untagged methods)."""
+    try:
+        return dict(json.loads((folder / "setting.json").read_text()).get("tags", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 # -- the metric stage -------------------------------------------------------------------------------------
@@ -396,12 +407,15 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         for m in sets.values():
             m.reset()
         n_set = 0
+        tags = _method_tags(cfg.out_dir / "sr" / s.slug)
         for p, run in ((p, r) for p in pairs for r in range(runs[s.slug])):
             k += 1 if run == 0 else 0
             sr_file = sr_path(cfg, s, p.name, run)
             row = {"method": s.label, "model": s.model, "settings": json.dumps(s.call_kwargs, sort_keys=True),
                    "image": p.name, "seed": cfg.seed + run, "run": run,
                    "seconds": seconds[s.slug].get(p.name) if run == 0 else None}
+            if p.name in tags:
+                row["tags"] = tags[p.name]
             if not sr_file.is_file():
                 report(callback, "metrics", k, mtotal, f"{s.label}: {p.name}")
                 continue
@@ -467,6 +481,9 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         d = s.to_json()
         d.update(n_images=len(pairs), n_ok=len([r for r in mine if r["run"] == 0]), means=means,
                  seconds_per_image=float(np.mean(secs)) if secs else None, **stab)
+        tagged = {r["image"]: r["tags"] for r in mine if "tags" in r}
+        if tagged:
+            d["tags"] = tagged
         methods_out.append(d)
     summary = _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start)
     _write_csv(cfg.out_dir / "results.csv", rows, [m for m in available if m in per])
@@ -585,7 +602,8 @@ def _write_stability_csv(path: Path, methods: list, metric_cols: list) -> None:
 
 
 def _write_csv(path: Path, rows: list, metric_cols: list) -> None:
-    cols = ["method", "model", "settings", "image", "seed", "seconds"] + metric_cols
+    cols = ["method", "model", "settings", "image", "seed", "seconds"] \
+        + (["tags"] if any("tags" in r for r in rows) else []) + metric_cols
     fd, tmp = tempfile.mkstemp(prefix="results.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

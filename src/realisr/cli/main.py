@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("realisr.cli.metrics", "list metrics and whether their weights are available"),
     "degrade": ("realisr.cli.degrade", "make LQ images from HQ images with the Real-ESRGAN degradation"),
     "train": ("realisr.cli.train", "train from a YAML recipe (run under `accelerate launch` for many GPUs)"),
+    "tag": ("realisr.cli.tag", "print the RAM / DAPE tags of images (the prompt of OSEDiff and SeeSR)"),
 }
 
 

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
-                                       "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, seesr, tiny-cpu-seesr")
+                                       "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, dape, dape-tiny-cpu, "
+                                       "seesr, tiny-cpu-seesr")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -33,6 +34,11 @@ def make_trainer(cfg, callback=None):
     """The trainer for ``cfg.method`` (imports torch/diffusers)."""
     from realisr.errors import require
 
+    if cfg.method == "dape":
+        require("accelerate", "train")
+        from realisr.train.trainer_dape import DAPETrainer
+
+        return DAPETrainer(cfg, callback=callback)
     for module in ("accelerate", "diffusers", "peft", "transformers"):
         require(module, "train")
     if cfg.method == "pisa-sr":

@@ -82,7 +82,12 @@ def add_arguments(p) -> None:
     g.add_argument("--lambda-grid", default=None, metavar="VALUES",
                    help="PiSA-SR: render a grid of dial settings from one pair of UNet passes, e.g. "
                         "'0,0.5,1,1.5' (both dials) or '0,1;0.5,1,1.5' (pix values;sem values)")
-    g.add_argument("--prompt", default=None, help="OSEDiff / CCSR prompt text")
+    g.add_argument("--prompt", default=None,
+                   help="OSEDiff / CCSR / SeeSR prompt text (OSEDiff and SeeSR with the DAPE tagger: the user part "
+                        "after the tags)")
+    g.add_argument("--no-tags", action="store_true",
+                   help="OSEDiff, SeeSR: no DAPE tags in the prompt (OSEDiff does not load the tagger; SeeSR still "
+                        "takes its soft prompt from it)")
     g.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"], help="colour fix")
     g.add_argument("--process-size", type=int, default=None, help="diffusion processing size (default 512)")
     g.add_argument("--resize-mode", default=None, choices=["official", "pad"],
@@ -186,6 +191,16 @@ def _accepted_call_args(pipe) -> Optional[set]:
     return names
 
 
+def _loads_tagger(model_id: str) -> bool:
+    """Whether the registered model's pipeline takes a ``tagger=`` at load time."""
+    from realisr.registry import REGISTRY
+
+    spec = REGISTRY.get(model_id)
+    if spec is None:
+        return False
+    return "tagger" in inspect.signature(spec.pipeline_class().from_spec).parameters
+
+
 def _parse_grid(text: str) -> tuple[list[float], list[float]]:
     from realisr.errors import RealisrError
 
@@ -265,8 +280,12 @@ def run(args) -> int:
         if model_id not in REGISTRY or REGISTRY[model_id].family != "seesr":
             raise RealisrError(f"--seesr is for -m seesr / seesr-turbo, not {model_id}")
         ctor["seesr"] = args.seesr
+    if getattr(args, "no_tags", False) and _loads_tagger(model_id):
+        ctor["tagger"] = None  # no tagging: do not even load it
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if getattr(args, "no_tags", False):
+        call["tags"] = False
     accepted = _accepted_call_args(pipe)
     bad = sorted(k for k in call if k not in accepted)
     if bad:

@@ -63,7 +63,8 @@ def image_to_tensor(image) -> "torch.Tensor":
             raise ValueError(f"expected an [H,W,C] image array with 1-4 channels, got shape {image.shape}")
         if arr.shape[2] in (2, 4):
             arr = arr[..., :-1]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+        arr = np.ascontiguousarray(arr)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1).contiguous()
         if arr.dtype == np.uint8:
             t = t.float().div(255)
         elif arr.dtype == np.uint16:
@@ -115,8 +116,9 @@ class TagResult:
         tags: per image, the tag names above threshold, in tag-list order (surrounding spaces stripped).
         text: per image, the official tag string (``", "`` join of the raw names, as ``inference_ram``).
         indices: per image, the class indices of ``tags``.
-        image_embeds: ``[B, 145, 512]`` image embeddings (``image_proj`` output): SeeSR's soft prompt.
-        visual: ``[B, 145, C]`` Swin features (token mean, then the 144 tokens).
+        image_embeds: ``[B, 145, 512]`` image embeddings (``image_proj`` output): SeeSR's soft prompt, on the
+            tagger's device and in its dtype.
+        visual: ``[B, 145, C]`` Swin features (token mean, then the 144 tokens), likewise.
         logits, probs: ``[B, num_classes]`` (``probs = sigmoid(logits)``), float32.
         thresholds: ``[num_classes]`` thresholds used (float32).
     """
@@ -227,7 +229,8 @@ class Tagger:
 
         x = self.preprocess(image)
         thr = self.thresholds if threshold is None else self._threshold_tensor(threshold, self.thresholds)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the embeddings may feed layers that train (SeeSR stage 2)
+        with torch.no_grad():
             out = self.model(x.to(self.dtype))
         logits = out["logits"]
         probs = torch.sigmoid(logits)  # in the model's dtype, compared in float32 as officially

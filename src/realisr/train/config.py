@@ -7,8 +7,8 @@ names the key. ``--set`` values are parsed as YAML scalars/lists (``--set train.
 ``--set data.hq=[a/,b.txt]``, ``--set loss.lpips=0``).
 
 Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``, ``ccsr-controlnet``, ``ccsr``, ``ccsr-stage2``,
-``ccsr-tiny-cpu``, ``seesr``, ``tiny-cpu-seesr``) live in ``realisr/train/recipes/*.yaml`` and can be
-named instead of a path.
+``ccsr-tiny-cpu``, ``dape``, ``dape-tiny-cpu``, ``seesr``, ``tiny-cpu-seesr``) live in
+``realisr/train/recipes/*.yaml`` and can be named instead of a path.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "OSEDiffConfig",
     "SeeSRConfig",
     "CCSRConfig",
+    "DAPEConfig",
     "load_recipe",
     "builtin_recipes",
     "apply_overrides",
@@ -280,6 +281,44 @@ class CCSRConfig:
 
 
 @dataclass
+class DAPEConfig:
+    """DAPE (SeeSR stage 1: RAM + LoRA trained to see through degradations) specifics.
+
+    Attributes:
+        ram, tag_list: ``ram_swin_large_14m.pth`` and ``ram_tag_list.txt`` (``null``: searched like the tagger:
+            ``ram_dir``, ``$REALISR_WEIGHTS/ram/``, ``$REALISR_WEIGHTS/``).
+        ram_dir: a folder holding the RAM files (SeeSR's ``ram/`` layout; ``configs/`` inside it is used).
+        config_dir: folder with ``q2l_config.json`` and ``swin/config_swinL_384.json`` (``null``: next to the
+            files, else the official configs shipped with realisr).
+        paired: official pre-made pairs: roots holding ``gt/`` and ``sr_bicubic/`` (paired by file name);
+            empty: pairs are made on the fly from ``data.hq`` with ``data.degradation``.
+        image_size: both images are resized to this square first (official 512), then to RAM's 384.
+        lora_rank, lora_alpha: loralib LoRA (official 8 and 1).
+        feature_weight, logits_weight: weights of the embedding MSE and the soft-label BCE (official 1, 1).
+        lr_milestones, lr_gamma: MultiStepLR (official [20000, 30000], 0.5).
+        warmup_steps: linear learning-rate warm-up (BasicSR ``warmup_iter``, official 50).
+        drop_path_rate: the student's Swin stochastic depth (official 0.1).
+        dropout: the student's tagging-head dropout (``null``: the q2l config's, 0.1 officially).
+    """
+
+    ram: Optional[str] = None
+    tag_list: Optional[str] = None
+    ram_dir: Optional[str] = None
+    config_dir: Optional[str] = None
+    paired: list = field(default_factory=list)
+    image_size: int = 512
+    lora_rank: int = 8
+    lora_alpha: float = 1.0
+    feature_weight: float = 1.0
+    logits_weight: float = 1.0
+    lr_milestones: list = field(default_factory=lambda: [20000, 30000])
+    lr_gamma: float = 0.5
+    warmup_steps: int = 50
+    drop_path_rate: float = 0.1
+    dropout: Optional[float] = None
+
+
+@dataclass
 class RecipeConfig:
     """A whole training recipe."""
 
@@ -295,6 +334,7 @@ class RecipeConfig:
     osediff: OSEDiffConfig = field(default_factory=OSEDiffConfig)
     seesr: SeeSRConfig = field(default_factory=SeeSRConfig)
     ccsr: CCSRConfig = field(default_factory=CCSRConfig)
+    dape: DAPEConfig = field(default_factory=DAPEConfig)
 
     def validate(self) -> "RecipeConfig":
         """Check values that types alone cannot (ranges, choices). Returns self; raises RecipeError."""
@@ -302,8 +342,8 @@ class RecipeConfig:
             if not ok:
                 raise RecipeError(f"recipe: {msg}")
 
-        need(self.method in ("pisa-sr", "osediff", "ccsr", "seesr"),
-             f"method must be 'pisa-sr', 'osediff', 'ccsr' or 'seesr', got {self.method!r}")
+        need(self.method in ("pisa-sr", "osediff", "ccsr", "dape", "seesr"),
+             f"method must be 'pisa-sr', 'osediff', 'ccsr', 'dape' or 'seesr', got {self.method!r}")
         need(self.ccsr.stage in ("controlnet", "stage1", "stage2"),
              f"ccsr.stage must be controlnet, stage1 or stage2, got {self.ccsr.stage!r}")
         need(0.0 <= self.ccsr.t_min < self.ccsr.t_max <= 1.0, "ccsr: need 0 <= t_min < t_max <= 1")
@@ -330,6 +370,9 @@ class RecipeConfig:
         need(self.seesr.validation_steps >= 1, "seesr.validation_steps must be >= 1")
         for k in ("l2", "lpips", "csd", "vsd", "vsd_lora"):
             need(getattr(self.loss, k) >= 0, f"loss.{k} must be >= 0")
+        need(self.dape.image_size >= 8 and self.dape.lora_rank >= 1 and self.dape.warmup_steps >= 0,
+             "dape.image_size must be >= 8, dape.lora_rank >= 1 and dape.warmup_steps >= 0")
+        need(self.dape.feature_weight >= 0 and self.dape.logits_weight >= 0, "dape loss weights must be >= 0")
         return self
 
 

@@ -184,7 +184,7 @@ class BaseTrainer:
         files = list_sources(cfg.data.hq)
         captions = load_captions(cfg.data.captions)
         self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, captions)
-        self._prepare_loader()
+        self.dataloader = self.make_dataloader(self.dataset, "add images, raise their repeat factor")
         self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device)
         # validation: fixed crops and a fixed degradation, made once
         self._val = None
@@ -198,22 +198,22 @@ class BaseTrainer:
             lq = self.lq_maker(hq, generator=vg).cpu()
             self._val = {"hq": hq, "lq": lq, "captions": [it["caption"] for it in items]}
 
-    def _prepare_loader(self) -> None:
-        """``self.dataloader``: shuffled batches of ``self.dataset`` (seeded), prepared for the processes.
+    def make_dataloader(self, dataset, hint: str = "add images"):
+        """The shuffled, seeded, prepared training loader of ``dataset`` (full batches only).
 
         Raises:
-            TrainingError: fewer images than one global batch.
+            TrainingError: fewer images than one global batch (``hint`` says what to add).
         """
         cfg = self.cfg
         need = cfg.data.batch_size * self.accelerator.num_processes
-        if len(self.dataset) < need:
-            raise TrainingError(f"{len(self.dataset)} training images for a global batch of {need}: add images, "
-                                "raise their repeat factor or lower data.batch_size")
+        if len(dataset) < need:
+            raise TrainingError(f"{len(dataset)} training images for a global batch of {need}: {hint} or lower "
+                                "data.batch_size")
         g = torch.Generator().manual_seed(cfg.seed)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
+            dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
             num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-        self.dataloader = self.accelerator.prepare(loader)
+        return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()

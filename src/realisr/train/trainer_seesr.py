@@ -176,7 +176,7 @@ class SeeSRTrainer(BaseTrainer):
             files = list_sources(cfg.data.hq)
             self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, load_captions(cfg.data.captions))
             self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device, resize_back=False)
-        self._prepare_loader()
+        self.dataloader = self.make_dataloader(self.dataset, "add images or pairs")
         self._val = None
         if cfg.validation.every > 0 and cfg.validation.num > 0 and self.accelerator.is_main_process:
             if self._pairs:

@@ -8,10 +8,13 @@ What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` secti
   ``x0 = (z_L - sqrt(1 - abar_999) * eps) / sqrt(abar_999)``;
 * ``out = clamp(VAE.decode(z_H / 0.18215), -1, 1)``, colour fix, (meant to) resize back.
 
-The official prompt is ``f"{tags}, {user_prompt},"`` with tags from RAM+DAPE run on the upscaled LQ. Here the
-prompt is pluggable: ``prompt=`` is either the text itself or a callable ``image -> str`` receiving the
-processed LQ (``[1, 3, H, W]`` float in ``[0, 1]``, the image DAPE sees). :class:`TagPrompt` wraps a tagger
-(``image -> "tag1, tag2"``) into the official format; RAM/DAPE taggers plug in there.
+The official prompt is ``f"{tags}, {user_prompt},"`` with tags from RAM+DAPE (:mod:`realisr.tagging`) run on
+the processed LQ (after the x4 resize, ``[1, 3, H, W]`` in ``[0, 1]``; the tagger resizes it to 384 itself). When
+the DAPE files are found (``tagger="auto"``, the default) every call builds that prompt, ``prompt=`` being the
+user part; ``tags=False`` (CLI ``--no-tags``) or ``tagger=None`` turns tagging off, and without the files the
+pipeline says once that it runs untagged, ``prompt=`` being then the whole prompt. ``prompt=`` may also be a
+callable ``image -> str`` receiving the processed LQ (it replaces the tagger); :class:`TagPrompt` wraps any
+tagger (``image -> "tag1, tag2"``) into the official format.
 
 Deviations (see :mod:`realisr.pipelines.diffusion_common`): posterior mode instead of a sample (seeded
 sampling available), the output is always 4x the input (the official script drops its resize-back), and the
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 from ..base import SRPipeline
 from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_tile_plan, move_module,
@@ -31,16 +34,44 @@ from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OSEDiffPipeline", "TagPrompt", "official_prompt"]
+__all__ = ["OSEDiffPipeline", "TagPrompt", "official_prompt", "resolve_tagger"]
 
-_ARGS = ("prompt", "color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
+_ARGS = ("prompt", "tags", "color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
          "sample_posterior")
 PromptSource = Union[str, Callable[..., str]]
 
 
 def official_prompt(tags: str, user_prompt: str = "") -> str:
     """The official OSEDiff prompt string: ``f"{tags}, {user_prompt},"``."""
-    return f"{tags}, {user_prompt},"
+    from ...tagging import official_prompt as _official
+
+    return _official(tags, user_prompt)
+
+
+def resolve_tagger(tagger, device, dtype, method: str = "OSEDiff"):
+    """The DAPE tagger of a pipeline: ``"auto"`` loads it when its files are found (else logs once that the
+    method runs untagged and returns ``None``); ``None``/``False`` -> ``None``; a tagger object is kept.
+
+    Raises:
+        CheckpointError: the files are found but do not load.
+    """
+    if tagger is None or tagger is False:
+        return None
+    if isinstance(tagger, str) and tagger != "auto":
+        raise ValueError(f"tagger must be 'auto', None or a Tagger, got {tagger!r}")
+    if tagger != "auto":
+        return tagger
+    import torch
+
+    from ...errors import WeightsNotFoundError
+    from ...tagging import load_tagger
+
+    try:
+        # fp16 on CUDA as the official script runs DAPE; fp32 where the pipeline is fp32
+        return load_tagger("dape", device=device, dtype=torch.float32 if dtype == torch.float32 else "auto")
+    except WeightsNotFoundError as e:
+        logger.warning("%s runs untagged: the prompt is only the user prompt (%s)", method, e)
+        return None
 
 
 class TagPrompt:
@@ -63,15 +94,17 @@ class TagPrompt:
 class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
     """OSEDiff. Build with :meth:`from_spec` (``realisr.load_pipeline("osediff")``).
 
-    Call: ``pipe(image, prompt="", color_fix="adain", process_size=512, resize_mode="official",
+    Call: ``pipe(image, prompt="", tags=True, color_fix="adain", process_size=512, resize_mode="official",
     latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, ...)``.
     """
 
     flavor = "osediff"
     timestep = 999
 
-    def __init__(self, spec, *, unet, vae, text_encoder, tokenizer, scheduler, device=None, dtype=None):
+    def __init__(self, spec, *, unet, vae, text_encoder, tokenizer, scheduler, device=None, dtype=None,
+                 tagger=None):
         super().__init__(spec, device=device, dtype=dtype)
+        self.tagger = tagger
         self._init_dtypes(dtype)
         self.unet = move_module(unet, self.device, self.dtype)
         self.vae = move_module(vae, self.device, self.vae_dtype)
@@ -82,7 +115,7 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     @classmethod
     def from_spec(cls, spec, device=None, dtype=None, sd=None, checkpoint=None, merge_lora: bool = True,
-                  **kwargs) -> "OSEDiffPipeline":
+                  tagger="auto", **kwargs) -> "OSEDiffPipeline":
         """Load SD-2.1-base and the official ``osediff.pkl``.
 
         Args:
@@ -91,6 +124,8 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
             sd: SD-2.1-base folder or hub id.
             checkpoint: path to ``osediff.pkl`` / its ``.safetensors`` or an ``OfficialCheckpoint``.
             merge_lora: merge the LoRAs into the weights (faster; the official ``--merge_and_unload_lora``).
+            tagger: ``"auto"`` (the DAPE tagger when its files are found, see :mod:`realisr.tagging`), ``None``
+                (untagged) or a :class:`realisr.tagging.Tagger`.
 
         Raises:
             WeightsNotFoundError, CheckpointError.
@@ -102,9 +137,11 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
         checkpoint = resolve_checkpoint(checkpoint, spec, expect="osediff")
         bb = load_backbone(sd)
-        return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
+        pipe = cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, scheduler=bb.scheduler, checkpoint=checkpoint,
                                    device=device, dtype=dtype, merge_lora=merge_lora)
+        pipe.tagger = resolve_tagger(tagger, pipe.device, pipe.dtype)
+        return pipe
 
     @classmethod
     def from_components(cls, spec, *, unet, vae, text_encoder, tokenizer, scheduler, checkpoint, device=None,
@@ -135,6 +172,8 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         p = method.get("prompt", "")
         if not (isinstance(p, str) or callable(p)):
             raise ValueError(f"prompt must be a string or a callable image -> str, got {type(p).__name__}")
+        if not isinstance(method.get("tags", True), bool):
+            raise ValueError("tags must be True or False")
 
     # -- stages -------------------------------------------------------------------------------------------
     def prompt_embeds(self, prompt: str):
@@ -150,14 +189,18 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
             self._embeds.popitem(last=False)
         return emb
 
-    def resolve_prompt(self, prompt: PromptSource, image01) -> str:
-        """The prompt text for one image: the string itself or ``prompt(image01)``."""
+    def resolve_prompt(self, prompt: PromptSource, image01, tags: bool = True) -> tuple[str, Optional[str]]:
+        """``(prompt text, tag string or None)`` for one image: ``prompt(image01)`` for a callable; with the
+        tagger (and ``tags``) the official ``f"{tags}, {prompt},"``; else the string itself."""
         if callable(prompt):
             text = prompt(image01)
             if not isinstance(text, str):
                 raise ValueError(f"the prompt source returned {type(text).__name__}, not a string")
-            return text
-        return prompt
+            return text, None
+        if tags and self.tagger is not None:
+            tag_string = self.tagger.prompt(image01)
+            return official_prompt(tag_string, prompt), tag_string
+        return prompt, None
 
     def predict(self, z_l, embeds, *, latent_tile: int = 96, latent_overlap: int = 32, callback=None):
         """The (tiled) UNet prediction ``eps`` at t=999, float32."""
@@ -179,12 +222,13 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         return (z_l.float() - beta ** 0.5 * eps.float()) / abar ** 0.5
 
     def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, prompt: PromptSource = "",
-                     color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
+                     tags: bool = True, color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
                      latent_overlap=None, vae_tile=None, sample_posterior=False):
         color_fix = color_fix or self.spec.color_fix
         lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
         pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
-        text = self.resolve_prompt(prompt, pre.image)
+        ch, cw = pre.content_size  # the tagger sees the processed LQ without any padding (resize_mode="pad")
+        text, tag_string = self.resolve_prompt(prompt, pre.image[..., :ch, :cw], tags)
         emb = self.prompt_embeds(text)
         z_l = self.encode(pre.image, sample_posterior=sample_posterior, generator=generator, vae_tile=vae_tile,
                           callback=callback)
@@ -192,7 +236,7 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         z_h = self.step(z_l, eps)
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
         out = finish_output(y, pre, color_fix)
-        extras["info"] = {"prompt": text, "color_fix": color_fix, "processed_size": pre.size,
+        extras["info"] = {"prompt": text, "tags": tag_string, "color_fix": color_fix, "processed_size": pre.size,
                           "resize_flag": pre.resize_flag,
                           "latent_tiles": latent_tile_plan(z_l.shape[-2], z_l.shape[-1], lt, lo)}
         return out

@@ -168,8 +168,8 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
     compat="default", latents=None, posterior_noise=None, step_noise=None, keep_intermediates=False,
     generator=None, ...)``.
 
-    ``tags`` (a string or a list of tags) and ``image_embeds`` (the ``[1, N, 512]`` soft prompt) bypass the
-    tagger; whatever is not given comes from the DAPE tagger run on the input (loaded on first use).
+    ``tags`` (a string or a list of tags; ``False``: none) and ``image_embeds`` (the ``[1, N, 512]`` soft prompt)
+    bypass the tagger; whatever is not given comes from the DAPE tagger run on the input (loaded on first use).
     """
 
     flavor = "pisa"  # symmetric tile weights; compat="official" uses the official y midpoint ("osediff")
@@ -200,8 +200,8 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
             device, dtype: see :func:`realisr.load_pipeline` (``auto``: fp32 on CPU, bf16/fp16 on CUDA).
             sd: backbone folder or hub id (default: ``$REALISR_SD2`` / ``$REALISR_SD_TURBO``, HF cache, hub).
             seesr: the official ``seesr`` folder (default: ``$REALISR_SEESR``, ``<checkpoints>/seesr``).
-            tagger: a tagger (``realisr.tagging.Tagger``), ``"dape"`` (default) or ``"ram"`` to load one on
-                first use, or ``False`` (then every call must pass ``tags`` and ``image_embeds``).
+            tagger: a tagger (``realisr.tagging.Tagger``), ``"dape"`` (default; ``None`` too) or ``"ram"`` to load
+                one on first use, or ``False`` (then every call must pass ``tags`` and ``image_embeds``).
             ram, dape: paths of ``ram_swin_large_14m.pth`` / ``DAPE.pth`` for the tagger.
             tagger_root: a folder searched first for the tagger's files (see :mod:`realisr.tagging.loading`).
 
@@ -266,9 +266,9 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"{key} must be a string, got {type(v).__name__}")
         tags = method.get("tags")
-        if tags is not None and not (isinstance(tags, str) or
+        if tags is not None and not (isinstance(tags, (str, bool)) or
                                      (isinstance(tags, (list, tuple)) and all(isinstance(t, str) for t in tags))):
-            raise ValueError("tags must be a string or a list of strings")
+            raise ValueError("tags must be a string, a list of strings, True (from the tagger) or False (none)")
         emb = method.get("image_embeds")
         if emb is not None:
             shape = tuple(getattr(emb, "shape", ()))
@@ -282,7 +282,7 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
                 raise ValueError(f"{key} must be a tensor or array, got {type(v).__name__}")
         if not isinstance(method.get("keep_intermediates", False), bool):
             raise ValueError("keep_intermediates must be True or False")
-        if (method.get("tags") is None or emb is None) and self._tagger is False:
+        if (method.get("tags") in (None, True) or emb is None) and self._tagger is False:
             raise ValueError("this pipeline has no tagger (tagger=False): pass tags= and image_embeds=")
 
     # -- stages -------------------------------------------------------------------------------------------
@@ -310,7 +310,8 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
         Args:
             x: the raw LR, ``[1, 3, h, w]`` float in ``[0, 1]`` (the image the official script tags).
-            tags, image_embeds: given values are kept; the others come from the tagger.
+            tags, image_embeds: given values are kept; the others come from the tagger (``tags=False``: no tags;
+                ``None`` / ``True``: the tagger's).
             compat: ``"official"`` takes the tagger's official tag string (raw tag names); the default joins
                 the stripped names.
 
@@ -321,12 +322,14 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
         import torch
 
         secs = 0.0
-        if tags is None or image_embeds is None:
+        if tags is False:
+            tags = ""
+        if tags in (None, True) or image_embeds is None:
             tagger = self.tagger()
             t0 = time.perf_counter()
             res = tagger(x)
             secs = time.perf_counter() - t0
-            if tags is None:
+            if tags in (None, True):
                 tags = res.text[0] if compat == "official" else list(res.tags[0])
             if image_embeds is None:
                 image_embeds = res.image_embeds[:1]
