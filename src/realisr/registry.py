@@ -217,7 +217,7 @@ register(ModelSpec(
     pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
     dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
     options={"weights_status": "realisr.weights.seesr:weights_status", "process_size": 512,
-             "latent_tile": 96, "latent_overlap": 4, "steps": 50, "guidance_scale": 5.5},
+             "latent_tile": 96, "latent_overlap": 4, "steps": 50, "guidance_scale": 5.5, "stochastic": True},
     description="SeeSR (CVPR'24): SD-2-base ControlNet SR with DAPE tags + soft prompt, 50 DDPM steps, CFG 5.5"))
 register(ModelSpec(
     id="seesr-turbo", family="seesr", scale=4,
@@ -226,5 +226,6 @@ register(ModelSpec(
     pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
     dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
     options={"weights_status": "realisr.weights.seesr:weights_status", "process_size": 512,
-             "latent_tile": 96, "latent_overlap": 32, "steps": 2, "guidance_scale": 1.0, "variant": "turbo"},
+             "latent_tile": 96, "latent_overlap": 32, "steps": 2, "guidance_scale": 1.0, "variant": "turbo",
+             "stochastic": True},
     description="SeeSR on SD-turbo (official test_seesr_turbo.py): 2 steps, no CFG"))

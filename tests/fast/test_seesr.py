@@ -73,6 +73,15 @@ def test_default_mode_first_step_at_999_and_fixed_prompt(pipe, lq):
     assert out.info["tagger_seconds"] > 0
 
 
+def test_no_tags_keeps_the_soft_prompt(pipe, lq):
+    out = pipe(lq, tags=False, steps=1, process_size=64, generator=torch.Generator().manual_seed(0))
+    assert out.info["tags"] == "" and out.info["prompt"] == "clean, high-resolution, 8k"
+    assert out.info["tagger_seconds"] > 0  # the soft prompt still comes from DAPE
+    from realisr.registry import get_spec
+
+    assert get_spec("seesr").pipeline_class().is_stochastic(get_spec("seesr"))  # realisr bench --seeds runs it N times
+
+
 def test_tile_weights_symmetric_by_default_official_y_midpoint(pipe, monkeypatch):
     """Latent tiling blends with the symmetric Gaussian by default and with the official y midpoint T/2 under
     compat='official'."""
