@@ -49,6 +49,19 @@ def _attend(attn, hidden_states, context, attention_mask, cross_attention_kwargs
                 return_dict=False)[0]
 
 
+def _layer(block, resnet, attn, image_attn, hidden_states, temb, encoder_hidden_states, image_states,
+           attention_mask, cross_attention_kwargs, encoder_attention_mask):
+    """One layer of a down / up block: resnet (checkpointed when training with gradient checkpointing), text
+    attention, image attention."""
+    if torch.is_grad_enabled() and block.gradient_checkpointing:
+        hidden_states = block._gradient_checkpointing_func(resnet, hidden_states, temb)
+    else:
+        hidden_states = resnet(hidden_states, temb)
+    hidden_states = _attend(attn, hidden_states, encoder_hidden_states, attention_mask, cross_attention_kwargs,
+                            encoder_attention_mask)
+    return _attend(image_attn, hidden_states, image_states, attention_mask, cross_attention_kwargs, None)
+
+
 class SeeSRCrossAttnDownBlock2D(CrossAttnDownBlock2D):
     """``CrossAttnDownBlock2D`` with an image attention after each text attention."""
 
@@ -63,14 +76,8 @@ class SeeSRCrossAttnDownBlock2D(CrossAttnDownBlock2D):
         output_states = ()
         blocks = list(zip(self.resnets, self.attentions, self.image_attentions))
         for i, (resnet, attn, image_attn) in enumerate(blocks):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(resnet, hidden_states, temb)
-            else:
-                hidden_states = resnet(hidden_states, temb)
-            hidden_states = _attend(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                    cross_attention_kwargs, encoder_attention_mask)
-            hidden_states = _attend(image_attn, hidden_states, image_states, attention_mask,
-                                    cross_attention_kwargs, None)
+            hidden_states = _layer(self, resnet, attn, image_attn, hidden_states, temb, encoder_hidden_states,
+                                   image_states, attention_mask, cross_attention_kwargs, encoder_attention_mask)
             # the T2I-adapter residual goes on the output of the last layer (as diffusers' block)
             if i == len(blocks) - 1 and additional_residuals is not None:
                 hidden_states = hidden_states + additional_residuals
@@ -124,14 +131,8 @@ class SeeSRCrossAttnUpBlock2D(CrossAttnUpBlock2D):
                 hidden_states, res_hidden_states = apply_freeu(self.resolution_idx, hidden_states, res_hidden_states,
                                                                s1=self.s1, s2=self.s2, b1=self.b1, b2=self.b2)
             hidden_states = torch.cat([hidden_states, res_hidden_states], dim=1)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(resnet, hidden_states, temb)
-            else:
-                hidden_states = resnet(hidden_states, temb)
-            hidden_states = _attend(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                    cross_attention_kwargs, encoder_attention_mask)
-            hidden_states = _attend(image_attn, hidden_states, image_states, attention_mask,
-                                    cross_attention_kwargs, None)
+            hidden_states = _layer(self, resnet, attn, image_attn, hidden_states, temb, encoder_hidden_states,
+                                   image_states, attention_mask, cross_attention_kwargs, encoder_attention_mask)
         if self.upsamplers is not None:
             for upsampler in self.upsamplers:
                 hidden_states = upsampler(hidden_states, upsample_size)
