@@ -16,19 +16,17 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from helpers import ccsr as H
+from helpers.onestep import one_thread
 from helpers.fixtures import fixture_set, tiny_sd_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():  # the shared 2-core box thrashes with more threads
+        yield
 
 
 def _grey(path, level: int, size: int = 16):

@@ -16,16 +16,15 @@ import torch
 
 from helpers import ccsr as H
 from helpers.ldm_layout import ccsr_v1_state_dict
+from helpers.onestep import one_thread
 
 ROOT = H.ccsr_dir()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core box thrashes with more
-    yield
-    torch.set_num_threads(n)
+    with one_thread():  # the shared 2-core box thrashes with more threads
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ pytest.importorskip("accelerate")
 pytest.importorskip("timm")
 
 from helpers import ccsr as H  # noqa: E402
-from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+from helpers.onestep import golden_dir, one_thread, sd_dir  # noqa: E402
+from helpers.training import photo_dir as _photo_dir, stand_in_vgg as _stand_in_vgg  # noqa: E402
 
 SD = sd_dir(golden_dir())
 HAVE_LPIPS = importlib.util.find_spec("lpips") is not None
@@ -27,10 +28,8 @@ ACP = torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float32)  # a stand-in cu
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():  # the shared 2-core box thrashes with more threads
+        yield
 
 
 # -- losses, by hand ------------------------------------------------------------------------------------------------
@@ -149,25 +148,6 @@ def test_timm_vits_have_the_official_dino_layouts(tmp_path):
 
 
 # -- tiny runs -----------------------------------------------------------------------------------------------------------
-def _photo_dir(root: Path) -> Path:
-    import skimage.data
-    from PIL import Image
-
-    folder = root / "hq"
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(skimage.data.astronaut()).resize((64, 64), Image.BICUBIC).save(folder / "astronaut.png")
-    return folder
-
-
-def _stand_in_vgg(root: Path) -> Path:
-    from torchvision.models.vgg import cfgs, make_layers
-
-    torch.manual_seed(0)
-    path = root / "vgg16-397923af.pth"
-    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
-    return path
-
-
 def _fixed_stage1_loss(trainer) -> float:
     """Stage 1's loss on a fixed batch with fixed noise (the training image, seeded degradation and draws)."""
     from realisr.train.ccsr_losses import stage1_losses
