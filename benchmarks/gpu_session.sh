@@ -7,7 +7,8 @@
 #   2. on the device:       the `run` tool with carry [".whl", ".golden"], timeout_s 560 and the command
 #                           bash benchmarks/gpu_session.sh
 #      It runs the CUDA tests (tests/gpu, the gpu-marked tests elsewhere) and bench_onestep on CUDA: fp32 / fp16
-#      / bf16 eager, then bf16 + channels_last + torch.compile (CUDA graphs). Logs go to $OUT (or /tmp/gpu_out).
+#      / bf16 eager, then bf16 + channels_last + torch.compile (CUDA graphs), then bench_multistep (SeeSR, bf16).
+#      Logs go to $OUT (or /tmp/gpu_out).
 #
 # Each step has its own timeout so that a slow compile cannot eat the others' output.
 set -uo pipefail
@@ -44,3 +45,4 @@ timeout 150 python3 benchmarks/bench_onestep.py --device cuda --dtype all 2>&1 |
 timeout 200 python3 benchmarks/bench_onestep.py --device cuda --dtype bf16 --rows reference,pisa --channels-last \
   --compile --compile-mode reduce-overhead 2>&1 | tee "$OUT/bench_compiled.txt"
 timeout 30 python3 benchmarks/bench_tagger.py --device cuda --dtype fp16 --kinds dape 2>&1 | tee "$OUT/bench_tagger.txt"
+timeout 150 python3 benchmarks/bench_multistep.py --device cuda --dtype bf16 --repeats 2 2>&1 | tee "$OUT/bench_seesr.txt"

@@ -129,7 +129,8 @@ def pil_to_tensor01(img: "Image.Image") -> "torch.Tensor":
     import torch
 
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div(255)
+    # contiguous, as torchvision's ToTensor: the reduction order of the AdaIN statistics follows the layout
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()[None].float().div(255)
 
 
 def to_pil_truncated(x: "torch.Tensor") -> "Image.Image":

@@ -17,6 +17,7 @@ from realisr.errors import WeightsNotFoundError  # noqa: E402
 from realisr.train.config import load_recipe  # noqa: E402
 
 from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+from helpers.training import photo_dir as _photo_dir, stand_in_vgg as _stand_in_vgg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = golden_dir()
@@ -34,26 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)  # the CPUs are shared: more threads are much slower here
     yield
     torch.set_num_threads(n)
-
-
-def _photo_dir(root: Path, size: int = 64, names=("astronaut",)) -> Path:
-    import skimage.data
-    from PIL import Image
-
-    folder = root / "hq"
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        Image.fromarray(getattr(skimage.data, n)()).resize((size, size), Image.BICUBIC).save(folder / f"{n}.png")
-    return folder
-
-
-def _stand_in_vgg(root: Path) -> Path:
-    from torchvision.models.vgg import cfgs, make_layers
-
-    torch.manual_seed(0)
-    path = root / "vgg16-397923af.pth"
-    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
-    return path
 
 
 def _recipe(tmp: Path, hq: Path, **over) -> dict:

@@ -29,6 +29,18 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    # multi-step diffusion (CCSR, SeeSR)
+    "steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "negative_prompt": "negative_prompt",
+    "conditioning_scale": "conditioning_scale",
+    # CCSR
+    "preset": "preset",
+    "t_max": "t_max",
+    "t_min": "t_min",
+    # SeeSR
+    "start_point": "start_point",
+    "compat": "compat",
 }
 SAMPLE_PREFIX = "sample:"
 
@@ -98,22 +110,25 @@ def add_arguments(p) -> None:
                    help="auto: fp32 on CPU, half precision on CUDA where the model supports it")
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
-    g = p.add_argument_group("diffusion models (pisa-sr, osediff)")
+    g = p.add_argument_group("diffusion models (pisa-sr, osediff, ccsr, seesr)")
     g.add_argument("--sd", default=None,
                    help="SD-2.1-base: local diffusers folder or hub id in the HF cache (default: $REALISR_SD, then "
                         "the HF cache); -m auto checks it too; other models ignore it")
     g.add_argument("--seed", type=int, default=None,
-                   help="encode the input by sampling the VAE posterior with this seed, as the official scripts "
-                        "do (default: the posterior mode, deterministic); other models ignore it")
+                   help="ccsr, seesr: seed of the sampler (start and step noise); pisa-sr, osediff: encode the input "
+                        "by sampling the VAE posterior with this seed, as the official scripts do (default: the "
+                        "posterior mode, deterministic); other models ignore it")
     g.add_argument("--lambda-pix", type=FINITE_FLOAT, default=None, help="PiSA-SR pixel-fidelity dial (default 1.0)")
     g.add_argument("--lambda-sem", type=FINITE_FLOAT, default=None, help="PiSA-SR semantic-detail dial (default 1.0)")
     g.add_argument("--lambda-grid", default=None, metavar="VALUES",
                    help="PiSA-SR: render a grid of dial settings from one pair of UNet passes, e.g. "
                         "'0,0.5,1,1.5' (both dials) or '0,1;0.5,1,1.5' (pix values;sem values)")
     g.add_argument("--prompt", default=None,
-                   help="OSEDiff prompt text (with the DAPE tagger found: the user part of \"<tags>, <prompt>,\")")
+                   help="OSEDiff / CCSR / SeeSR prompt text (OSEDiff and SeeSR with the DAPE tagger: the user part "
+                        "after the tags)")
     g.add_argument("--no-tags", action="store_true",
-                   help="OSEDiff: do not prepend the DAPE tags to the prompt (and do not load the tagger)")
+                   help="OSEDiff, SeeSR: no DAPE tags in the prompt (OSEDiff does not load the tagger; SeeSR still "
+                        "takes its soft prompt from it)")
     g.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"], help="colour fix")
     g.add_argument("--process-size", type=PROCESS_SIZE, default=None, help="diffusion processing size (default 512)")
     g.add_argument("--resize-mode", default=None, choices=["official", "pad"],
@@ -121,6 +136,27 @@ def add_arguments(p) -> None:
     g.add_argument("--latent-tile", type=LATENT_TILE, default=None, help="latent tile size (default 96)")
     g.add_argument("--latent-overlap", type=NON_NEGATIVE_INT, default=None, help="latent tile overlap (default 32)")
     g.add_argument("--vae-tile", type=LATENT_TILE, default=None, help="VAE tile size in pixels (default: automatic)")
+    g.add_argument("--compat", default=None, choices=["default", "official"],
+                   help="official: reproduce the official code's known bugs (see the method's docs page)")
+    g = p.add_argument_group("multi-step diffusion models (ccsr, seesr)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (ccsr one-step: 1, two-step: 6; seesr: 50; seesr-turbo: 2)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (1 = off; seesr: 5.5)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt of the guidance")
+    g.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    g = p.add_argument_group("CCSR (ccsr, ccsr-v1; see docs/ccsr.md)")
+    g.add_argument("--ccsr", default=None, metavar="DIR_OR_ID",
+                   help="CCSR weights: folder with controlnet/ and vae/ (v1: a `realisr convert` folder) or a hub id "
+                        "(default: <checkpoints>/ccsr, <checkpoints>/ccsr-v1)")
+    g.add_argument("--preset", default=None, help="named settings: one-step (default), two-step")
+    g.add_argument("--t-max", type=float, default=None, help="re-noise point as a fraction of the steps")
+    g.add_argument("--t-min", type=float, default=None, help="truncation point (0: no truncation)")
+    g = p.add_argument_group("SeeSR (seesr, seesr-turbo; see docs/seesr.md)")
+    g.add_argument("--seesr", default=None, metavar="PATH",
+                   help="the official seesr/ folder (unet/, controlnet/); default: $REALISR_SEESR, <checkpoints>/seesr")
+    g.add_argument("--start-point", default=None, choices=["lr", "noise"],
+                   help="lr: start from the noised LR latent (official default); noise: pure noise")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,6 +400,14 @@ def run(args) -> int:
             note(f"--sd is ignored: {model_id} does not use an SD backbone")
     if args.seed is not None and not diffusion:
         note(f"--seed is ignored: {model_id} does not sample")
+    if getattr(args, "ccsr", None) is not None:
+        if model_id not in REGISTRY or REGISTRY[model_id].family != "ccsr":
+            raise RealisrError(f"--ccsr is for -m ccsr / ccsr-v1, not {model_id}")
+        ctor["weights"] = args.ccsr
+    if getattr(args, "seesr", None) is not None:
+        if model_id not in REGISTRY or REGISTRY[model_id].family != "seesr":
+            raise RealisrError(f"--seesr is for -m seesr / seesr-turbo, not {model_id}")
+        ctor["seesr"] = args.seesr
     if getattr(args, "no_tags", False) and _loads_tagger(model_id):
         ctor["tagger"] = None  # no tagging: do not even load it
     spec = REGISTRY.get(model_id)
@@ -377,9 +421,9 @@ def run(args) -> int:
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
     if getattr(args, "no_tags", False):
         call["tags"] = False
-    if args.seed is not None and diffusion:
-        call["sample_posterior"] = True
     accepted = _accepted_call_args(pipe)
+    if args.seed is not None and diffusion and "sample_posterior" in accepted:
+        call["sample_posterior"] = True  # PiSA-SR / OSEDiff: the seed samples the VAE posterior
     if recipe is not None:  # (settings flags were refused in _apply_recipe)
         call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
     bad = sorted(k for k in call if k not in accepted)

@@ -277,6 +277,12 @@ class SRPipeline:
         return SROutput(image=out, scale=target[1] / data.width, info=info, extras=extras)
 
     @classmethod
+    def is_stochastic(cls, spec: ModelSpec, **call_kwargs) -> bool:
+        """Whether a call with these arguments samples (its output depends on ``generator``): the registry
+        entry's ``options["stochastic"]``; pipelines with optional sampling extend this."""
+        return bool(spec.options.get("stochastic", False))
+
+    @classmethod
     def from_spec(cls, spec: ModelSpec, device=None, dtype=None, **kwargs) -> "SRPipeline":
         """Build the pipeline for a registry entry (loading its weights)."""
         return cls(spec, device=device, dtype=dtype, **kwargs)

@@ -34,7 +34,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections import OrderedDict
 
 import numpy as np
 
@@ -51,8 +54,11 @@ __all__ = [
     "gaussian_tile_weights",
     "gaussian_window",
     "tiled_latent_predict",
+    "ddpm_step",
+    "vae_posterior",
     "vae_encode",
     "vae_decode",
+    "cached_prompt_embeds",
     "dial_to_latent",
     "vae_dtype_for",
     "move_module",
@@ -133,7 +139,8 @@ def pil_resize(x, size_wh: tuple[int, int], resample, *, exact_8bit: bool):
     return torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))[None].float()
 
 
-def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "official") -> Preprocessed:
+def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "official",
+               multiple_filter: str = "lanczos") -> Preprocessed:
     """Pre-process an LQ image as the official scripts do (see the module docstring).
 
     Args:
@@ -141,6 +148,8 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
         scale: the upscaling factor (4 for the released models).
         process_size: the official ``--process_size`` (512).
         mode: ``"official"`` or ``"pad"``.
+        multiple_filter: the PIL filter of step 3 (the resize to a multiple of 8): ``"lanczos"`` (PiSA-SR,
+            OSEDiff) or ``"bicubic"`` (SeeSR, whose script calls ``resize`` with PIL's default).
 
     Raises:
         ValueError: unknown mode or bad sizes.
@@ -159,7 +168,9 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
             raise ValueError(f"image of {w}x{h} is too small for x{scale}: it needs at least 8 output pixels per side")
         y = pil_resize(x, size, Image.BICUBIC, exact_8bit=exact)
         y = pil_resize(y, up, Image.BICUBIC, exact_8bit=exact)
-        y = pil_resize(y, final, Image.LANCZOS, exact_8bit=exact)
+        if multiple_filter not in ("lanczos", "bicubic"):
+            raise ValueError(f"multiple_filter must be 'lanczos' or 'bicubic', got {multiple_filter!r}")
+        y = pil_resize(y, final, Image.LANCZOS if multiple_filter == "lanczos" else Image.BICUBIC, exact_8bit=exact)
         return Preprocessed(y, (h, w), out_size, mode, resize_flag=flag, exact_8bit=exact)
     y = pil_resize(x, (w * scale, h * scale), Image.BICUBIC, exact_8bit=exact)
     ph, pw = (-y.shape[-2]) % 8, (-y.shape[-1]) % 8
@@ -237,33 +248,95 @@ def gaussian_window(flavor: str) -> Callable:
 
 
 def tiled_latent_predict(fn: Callable, z, *, tile: Optional[int], overlap: int, flavor: str,
-                         callback=None, out_channels: Optional[int] = None):
+                         callback=None, out_channels: Optional[int] = None, context=None, context_scale: int = 8):
     """Run ``fn`` (latent tile -> prediction) on ``z`` with the official tiling and Gaussian blending.
 
     Args:
-        fn: maps ``[1, 4, t, t]`` latents to an NCHW prediction of the same spatial size.
+        fn: maps ``[1, 4, t, t]`` latents to an NCHW prediction of the same spatial size; with ``context``,
+            ``fn(z_tile, context_tile)``.
         z: ``[1, 4, h, w]`` latents (device and dtype as ``fn`` wants them).
         tile, overlap: the official ``latent_tiled_size`` / ``latent_tiled_overlap``; ``tile`` 0/None: no tiling.
         flavor: ``"pisa"`` or ``"osediff"`` (the Gaussian's y midpoint).
         out_channels: channels of ``fn``'s output (default: as ``z``).
+        context: an optional NCHW tensor covering the same area at ``context_scale`` times the latent
+            resolution (e.g. a ControlNet's pixel-space condition); each call gets the crop under its tile.
+        context_scale: pixels of ``context`` per latent (8 for an SD VAE).
 
     Returns:
         The blended prediction, float32, on ``z``'s device.
     """
+    import torch
+    import torch.nn.functional as F
+
     from ..progress import report
     from ..tiling import tiled_forward
 
     h, w = z.shape[-2:]
+    run, inp = fn, z
+    if context is not None:
+        if tuple(context.shape[-2:]) != (h * context_scale, w * context_scale):
+            raise ValueError(f"context of {tuple(context.shape[-2:])} does not cover latents of {(h, w)} "
+                             f"at scale {context_scale}")
+        # the context rides along as extra channels (space-to-depth: an exact rearrangement), so the tiler
+        # crops it with each tile
+        nz = z.shape[1]
+        inp = torch.cat([z, F.pixel_unshuffle(context.to(device=z.device, dtype=z.dtype), context_scale)], dim=1)
+
+        def unpack_and_run(packed):
+            return fn(packed[:, :nz], F.pixel_shuffle(packed[:, nz:], context_scale))
+
+        run = unpack_and_run
+        out_channels = out_channels or nz
     plan = latent_tile_plan(h, w, tile, overlap)
     if plan is None:
         report(callback, "unet", 0, 1)
-        out = fn(z)
+        out = run(inp)
         report(callback, "unet", 1, 1)
         return out.float()
     t, ov = plan
     logger.debug("latent tiling %dx%d: tile %d overlap %d", w, h, t, ov)
-    return tiled_forward(fn, z, scale=1, tile=t, overlap=ov, pad=0, window=gaussian_window(flavor),
+    return tiled_forward(run, inp, scale=1, tile=t, overlap=ov, pad=0, window=gaussian_window(flavor),
                          out_channels=out_channels, out_device=z.device, callback=callback, stage="unet")
+
+
+def ddpm_step(z, eps, alphas_cumprod, t: int, prev_t: int, noise=None):
+    """One DDPM ancestral step ``z_t -> z_{prev_t}`` for an epsilon-predicting model with the "fixed_small"
+    variance, in float32 and in the order of diffusers' ``DDPMScheduler.step``:
+
+    ``x0 = (z - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, ``alpha = abar_t / abar_prev``,
+    ``mean = sqrt(abar_prev) (1 - alpha) / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_prev) / (1 - abar_t) z``,
+    ``z_prev = mean + sqrt(max((1 - abar_prev) / (1 - abar_t) (1 - alpha), 1e-20)) noise`` (no noise at
+    ``t == 0``), with ``abar_prev = 1`` when ``prev_t < 0``.
+
+    Unlike ``DDPMScheduler.step`` the noise is an argument, so a caller can draw it (or replay recorded draws).
+    (``realisr.pipelines.ccsr.schedule.ddpm_step`` is the same function with the same signature.)
+
+    Args:
+        z: the current sample; eps: the predicted noise (same shape).
+        alphas_cumprod: the scheduler's ``alphas_cumprod`` (1-D).
+        t, prev_t: this and the next timestep of the schedule (``prev_t < 0`` after the last one).
+        noise: standard normal noise like ``z`` (required when ``t > 0``).
+
+    Returns:
+        ``(z_prev, x0)``, float32.
+    """
+    import torch
+
+    a = alphas_cumprod.to(device=z.device, dtype=torch.float32)
+    one = torch.ones((), device=z.device, dtype=torch.float32)
+    a_t = a[int(t)] if t >= 0 else one
+    a_prev = a[int(prev_t)] if prev_t >= 0 else one
+    beta_t, beta_prev = 1 - a_t, 1 - a_prev
+    alpha = a_t / a_prev
+    z, eps = z.float(), eps.float()
+    x0 = (z - beta_t ** 0.5 * eps) / a_t ** 0.5
+    prev = (a_prev ** 0.5 * (1 - alpha)) / beta_t * x0 + alpha ** 0.5 * beta_prev / beta_t * z
+    if t > 0:
+        if noise is None:
+            raise ValueError("ddpm_step: a step with t > 0 needs its variance noise")
+        var = (beta_prev / beta_t * (1 - alpha)).clamp(min=1e-20)
+        prev = prev + var ** 0.5 * noise.to(device=z.device, dtype=torch.float32)
+    return prev, x0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -290,6 +363,31 @@ def _auto_vae_tile(latent_h: int, latent_w: int, vae_tile: Optional[int]) -> Opt
     return int(vae_tile) or None
 
 
+def vae_posterior(vae, image01, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
+    """The VAE posterior of ``image01`` (``[N, 3, H, W]`` in ``[0, 1]``, H and W multiples of 8): a diffusers
+    ``DiagonalGaussianDistribution`` (``.mean``, ``.std``, ``.mode()``), not scaled by ``scaling_factor``.
+
+    ``vae_tile``: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
+    (tiles beyond 1024x1024 pixels, :func:`realisr.models.tiled_vae.tiled_encode`); ``0``: never.
+    """
+    import torch
+
+    x = image01 * 2.0 - 1.0
+    lh, lw = x.shape[-2] // 8, x.shape[-1] // 8
+    tile = _auto_vae_tile(lh, lw, vae_tile)
+    with torch.no_grad():
+        if tile is not None:
+            from ..models.tiled_vae import tiled_encode
+
+            return tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
+        from ..progress import report
+
+        report(callback, "vae_encode", 0, 1)
+        dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+        report(callback, "vae_encode", 1, 1)
+        return dist
+
+
 def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: Optional[int] = None,
                device=None, dtype=None, callback=None):
     """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
@@ -298,26 +396,13 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
         image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
         sample: sample the posterior (as the official scripts do) instead of taking its mode.
         generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
-        vae_tile: decoder-side tile in latents (encoder tiles are 8x that in pixels); ``None``: automatic
-            (tiles beyond 1024x1024 pixels); ``0``: never.
+        vae_tile: see :func:`vae_posterior`.
     """
     import torch
 
     sf = vae.config.scaling_factor
-    x = image01 * 2.0 - 1.0
-    lh, lw = x.shape[-2] // 8, x.shape[-1] // 8
-    tile = _auto_vae_tile(lh, lw, vae_tile)
+    dist = vae_posterior(vae, image01, vae_tile=vae_tile, device=device, dtype=dtype, callback=callback)
     with torch.no_grad():
-        if tile is not None:
-            from ..models.tiled_vae import tiled_encode
-
-            dist = tiled_encode(vae, x, tile=tile * 8, callback=callback, device=device, dtype=dtype)
-        else:
-            from ..progress import report
-
-            report(callback, "vae_encode", 0, 1)
-            dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
-            report(callback, "vae_encode", 1, 1)
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
@@ -327,8 +412,10 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
     return (z * sf).to(device)
 
 
-def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None):
-    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``.
+def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dtype=None, callback=None,
+               raw: bool = False):
+    """``clamp(vae.decode(z / scaling_factor), -1, 1) * 0.5 + 0.5``: float32 ``[1, 3, 8h, 8w]`` in ``[0, 1]``
+    (``raw=True``: the decoder output itself, float32, unclamped, in about ``[-1, 1]``).
 
     The result stays where the decoder ran (on a GPU, the colour fix then runs there too and only the final
     image is copied to the host); tiled decoding streams its tiles to the CPU and returns a CPU tensor.
@@ -356,7 +443,26 @@ def vae_decode(vae, z_scaled, *, vae_tile: Optional[int] = None, device=None, dt
             from ..errors import RealisrError
 
             raise RealisrError("the VAE decoder produced NaN/inf values: run with --dtype fp32 (or bf16)")
+        if raw:
+            return out
         return (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prompts
+def cached_prompt_embeds(cache: "OrderedDict", tokenizer, text_encoder, prompt: str, size: int = 8):
+    """The CLIP embedding ``[1, 77, C]`` of ``prompt`` (``encode_prompt``), kept in ``cache`` (an ``OrderedDict``
+    holding the last ``size`` prompts): a pipeline re-encodes a prompt only when it changes."""
+    from ..models.backbone import encode_prompt
+
+    if prompt in cache:
+        cache.move_to_end(prompt)
+        return cache[prompt]
+    emb = encode_prompt(tokenizer, text_encoder, prompt)
+    cache[prompt] = emb
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return emb
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -462,6 +568,11 @@ class OneStepDiffusionPipeline:
             raise ValueError(f"latent_overlap must be an integer >= 0, got {ov!r}")
         if not isinstance(kwargs.get("sample_posterior", False), bool):
             raise ValueError("sample_posterior must be True or False")
+
+    @classmethod
+    def is_stochastic(cls, spec, **call_kwargs) -> bool:
+        """Sampling the VAE posterior (``sample_posterior=True``) makes a call depend on ``generator``."""
+        return bool(spec.options.get("stochastic", False) or call_kwargs.get("sample_posterior", False))
 
     def _latent_tiling(self, tile, tile_pad, latent_tile, latent_overlap) -> tuple[int, int]:
         """The latent tile/overlap: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input

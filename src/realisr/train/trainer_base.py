@@ -293,6 +293,15 @@ class BaseTrainer:
         """The checkpoint dict in the official .pkl layout."""
         raise NotImplementedError
 
+    def write_official(self, folder: Path) -> None:
+        """Write the checkpoint files users load (default: ``<name>.pkl`` in the official layout and its
+        ``.safetensors``); methods with another official format override this."""
+        from realisr.weights.official import save_pkl, save_safetensors
+
+        official = self.official_checkpoint()
+        save_pkl(official, folder / f"{self.checkpoint_name}.pkl")
+        save_safetensors(official, folder / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+
     def generate(self, lq: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         """Eval-mode SR of LQ images in [0,1] (already at the HQ size) -> [0,1]."""
         raise NotImplementedError
@@ -408,7 +417,8 @@ class BaseTrainer:
         """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process).
 
         ``<name>.pkl`` has the official layout (loads in the official code and :mod:`realisr.weights.official`);
-        ``<name>.safetensors`` is the same content in the format of ``realisr convert``.
+        ``<name>.safetensors`` is the same content in the format of ``realisr convert``. A method with another
+        official layout overrides :meth:`write_official`.
         """
         from realisr.weights.cache import atomic_save_file
 
@@ -425,7 +435,7 @@ class BaseTrainer:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
-            self.write_official_files(tmp)
+            self.write_official(tmp)
             atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
@@ -438,15 +448,6 @@ class BaseTrainer:
             logger.info("checkpoint written: %s", folder)
         acc.wait_for_everyone()
         return folder
-
-    def write_official_files(self, folder: Path) -> None:
-        """Write the checkpoint in the official layout into ``folder``: ``<name>.pkl`` and the same content as
-        ``<name>.safetensors`` (PiSA-SR / OSEDiff)."""
-        from realisr.weights.official import save_pkl, save_safetensors
-
-        official = self.official_checkpoint()
-        save_pkl(official, folder / f"{self.checkpoint_name}.pkl")
-        save_safetensors(official, folder / f"{self.checkpoint_name}.safetensors")  # validates the layout too
 
     def _prune_checkpoints(self) -> None:
         keep = self.cfg.train.keep_checkpoints
