@@ -125,7 +125,9 @@ class ModelDials:
         grid: how the work is tiled, for the estimate: ``"pixel"`` (tiles of the input) or ``"latent"``
             (one-step diffusion: latent tiles of the processed image).
         seconds_per_mp: rough prior of seconds per output megapixel, ``{"cpu": s, "cuda": s}``, used until a
-            run on this device has been measured.
+            run on this device has been measured (per step when ``per_step`` is set).
+        per_step: the dial whose value multiplies the time (``"steps"`` for multi-step samplers); its value
+            when not given comes from the registry entry's ``options`` (else 1).
         bytes_per_out_pixel: rough peak working memory per output pixel of one untiled pass.
         model_bytes: memory of the loaded weights (fp32).
     """
@@ -137,6 +139,7 @@ class ModelDials:
     state_key: str = "redial_state"
     grid: str = "pixel"
     seconds_per_mp: dict = field(default_factory=lambda: {"cpu": 30.0, "cuda": 0.5})
+    per_step: Optional[str] = None
     bytes_per_out_pixel: float = 1600.0
     model_bytes: float = 7e7
 

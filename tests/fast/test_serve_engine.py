@@ -175,3 +175,44 @@ def test_messages_hide_server_paths(engine, tmp_path):
     ok, detail = engine.status("pisa-sr")
     assert ok and str(tmp_path) not in detail and "/" not in json.dumps(detail).replace("\\/", "")
     engine.close_session("p")
+
+
+def test_ccsr_dials_from_its_description_render_and_replay(tmp_path):
+    """CCSR gets its controls from its dial description (preset, steps, seed...): a run through the engine and
+    `realisr upscale --recipe` on the recipe give the same image (the seed makes the sampler repeatable)."""
+    pytest.importorskip("diffusers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers import ccsr as H
+    from helpers.onestep import one_thread
+
+    from realisr.io import read_image
+    from realisr.ui.engine import Engine
+    from realisr.ui.estimate import Limits
+
+    weights, sd = str(H.weights_dir(H.ccsr_dir())), str(H.tiny_sd_dir(H.ccsr_dir()))
+    eng = Engine(["ccsr"], device="cpu", load_kwargs={"ccsr": {"weights": weights, "sd": sd}},
+                 limits=Limits(check_memory=False), root=tmp_path / "s")
+    try:
+        names = eng.dials("ccsr").names()
+        assert {"preset", "steps", "seed", "prompt", "guidance_scale"} <= set(names)
+        s, up = _upload(eng, tmp_path, (16, 16))
+        recipe = eng.recipe("ccsr", {"preset": "two-step", "steps": "4", "seed": 3, "process_size": 64,
+                                     "prompt": ""})
+        assert recipe.seed == 3 and recipe.args["preset"] == "two-step" and recipe.args["steps"] == 4
+        assert "prompt" not in recipe.args  # empty: the preset's prompt
+        with one_thread():
+            res = eng.render(s, up.key, recipe)
+            dl = eng.write_result(s)
+            r = eng.write_recipe(s)
+            assert main(["upscale", "-q", "--recipe", str(r), "--ccsr", weights, "--sd", sd, "-i", str(up.path),
+                         "-o", str(tmp_path / "cli.png")]) == 0
+        assert res.kind == "full" and res.output.image.width == 64
+        assert np.array_equal(read_image(tmp_path / "cli.png").pixels, read_image(dl).pixels)
+        other = eng.recipe("ccsr", {"preset": "two-step", "steps": "4", "seed": 4, "process_size": 64})
+        with one_thread():
+            assert not np.array_equal(eng.render(s, up.key, other).output.pixels, res.output.pixels)
+    finally:
+        eng.close()

@@ -34,7 +34,7 @@ from ..errors import RealisrError
 from ..progress import ProgressEvent
 from ..recipe import Recipe, encode_mask
 from ..registry import REGISTRY, ModelSpec, get_spec
-from .estimate import Estimate, Limits, estimate_run
+from .estimate import Estimate, Limits, estimate_run, steps_of
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ class Engine:
                 raise RealisrError(redact(str(e))) from None
             secs = time.perf_counter() - t0
         if kind == "full":
-            mp = data.width * data.height * spec.scale ** 2 / 1e6
+            mp = data.width * data.height * spec.scale ** 2 / 1e6 * steps_of(spec, d, {**base, **method})
             k = (recipe.model, self.device.type)
             r = secs / max(mp, 1e-6)
             self.rates[k] = r if k not in self.rates else 0.5 * (self.rates[k] + r)

@@ -16,7 +16,7 @@ from typing import Optional
 from ..dials import ModelDials
 from ..registry import ModelSpec
 
-__all__ = ["Limits", "Estimate", "estimate_run", "format_bytes"]
+__all__ = ["Limits", "Estimate", "estimate_run", "format_bytes", "steps_of"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,19 @@ def _grid_latent(spec: ModelSpec, h: int, w: int, values: dict):
     return (len({b[0] for b in boxes}), len({b[2] for b in boxes}), t, "latent"), (t * 8) ** 2
 
 
+def steps_of(spec: ModelSpec, dials: ModelDials, values: dict) -> float:
+    """The factor the time scales with: the value of the description's ``per_step`` dial (else 1)."""
+    if not dials.per_step:
+        return 1.0
+    v = values.get(dials.per_step)
+    if v is None:
+        v = spec.options.get(dials.per_step, 1)
+    try:
+        return max(1.0, float(v))
+    except (TypeError, ValueError):
+        return 1.0
+
+
 def estimate_run(spec: ModelSpec, dials: ModelDials, width: int, height: int, values: dict, *, device,
                  limits: Limits, rate: Optional[float] = None, available: Optional[int] = None,
                  weights_loaded: bool = False) -> Estimate:
@@ -163,7 +176,7 @@ def estimate_run(spec: ModelSpec, dials: ModelDials, width: int, height: int, va
     peak = (0.0 if weights_loaded else dials.model_bytes) + dials.bytes_per_out_pixel * piece + buffers
     measured = rate is not None
     per_mp = rate if measured else dials.seconds_per_mp.get(dev.type, dials.seconds_per_mp.get("cpu", 30.0))
-    seconds = per_mp * native_px / 1e6
+    seconds = per_mp * native_px / 1e6 * steps_of(spec, dials, values)
     est = Estimate(in_size=(width, height), out_size=(out_w, out_h), grid=grid, seconds=seconds, measured=measured,
                    peak_bytes=peak, available_bytes=available, device=str(dev))
     if width * height > limits.max_pixels:
