@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["write_report", "render_report", "pd_axes", "svg_plot"]
+__all__ = ["write_report", "render_report", "pd_axes", "svg_plot", "REPORT_CSS"]
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#1b1b1b;background:#fff}
@@ -24,6 +24,7 @@ td.best::after{content:' \\2605';color:#2e7d32}.meta{color:#555;font-size:12px}.
 .crop img{width:192px;height:192px;image-rendering:pixelated;border:1px solid #ccc;display:block}
 svg text{font:11px system-ui,sans-serif}.fail td{background:#fff3f3}
 """
+REPORT_CSS = _CSS  # shared with the `realisr study` results page
 
 
 def _fmt(v, digits: int = 4) -> str:

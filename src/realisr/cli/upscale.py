@@ -89,6 +89,9 @@ def add_arguments(p) -> None:
                    help="output format; auto keeps the input's format where it can be written (default)")
     g.add_argument("--suffix", default="out", help="suffix of output names: NAME_SUFFIX.EXT (default: out)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    g.add_argument("--recipe", default=None, metavar="JSON",
+                   help="replay the settings of a recipe (model, dials, painted maps, seed, format), e.g. the one "
+                        "`realisr serve` downloads; other settings flags are then refused")
     g.add_argument("--quality", type=QUALITY, default=None,
                    help="JPEG/WebP quality 1-100 (default 95; WebP 100 is lossless, JPEG >= 90 keeps full chroma)")
     g.add_argument("--max-pixels", type=NON_NEGATIVE_INT, default=None,
@@ -281,6 +284,25 @@ def _render_grid(cells: dict, pix: list[float], sem: list[float]):
     return sheet
 
 
+def _apply_recipe(args):
+    """Load ``--recipe`` into ``args`` (model, ext); refuse settings given both ways. The recipe's seed seeds
+    each image's generator."""
+    from realisr.errors import RealisrError
+    from realisr.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    given = [f"--{k.replace('_', '-')}" for k in (*METHOD_OPTIONS, "outscale", "tile", "tile_pad", "seed",
+                                                    "lambda_grid") if getattr(args, k, None) is not None]
+    if args.model != "auto":
+        given.insert(0, "-m")
+    if given:
+        raise RealisrError(f"--recipe replays its own settings: drop {', '.join(given)} (or edit the recipe)")
+    args.model = recipe.model
+    if args.ext == "auto" and recipe.ext:
+        args.ext = recipe.ext
+    return recipe
+
+
 def output_target(text: str, n_inputs: int) -> tuple[Path, bool]:
     """``(path, is_single_file)`` for ``-o``: an existing folder (or a path ending in a separator) is a folder
     whatever its name; a name with an image extension is one output file, which needs exactly one input.
@@ -348,6 +370,7 @@ def run(args) -> int:
     from realisr.registry import REGISTRY
 
     quiet = getattr(args, "quiet", False)
+    recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
 
     def note(msg: str) -> None:
         if not quiet:
@@ -401,6 +424,8 @@ def run(args) -> int:
     accepted = _accepted_call_args(pipe)
     if args.seed is not None and diffusion and "sample_posterior" in accepted:
         call["sample_posterior"] = True  # PiSA-SR / OSEDiff: the seed samples the VAE posterior
+    if recipe is not None:  # (settings flags were refused in _apply_recipe)
+        call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
     bad = sorted(k for k in call if k not in accepted)
     if bad:
         raise RealisrError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} not supported by model "
@@ -409,7 +434,8 @@ def run(args) -> int:
         raise RealisrError(f"--lambda-grid needs a model with the PiSA-SR dials (-m pisa-sr), not {pipe.spec.id}")
     if grid:
         call["keep_predictions"] = True
-    elif hasattr(pipe, "fuse_lora") and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem")):
+    elif (hasattr(pipe, "fuse_lora") and call.get("default_mode") is not False
+          and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem"))):
         pipe.fuse_lora()  # every call is PiSA-SR's default mode: one plain UNet pass, the semantic LoRA merged
     write_kw = {"fmt": None if args.ext == "auto" else args.ext}
     if args.quality is not None:
@@ -438,8 +464,11 @@ def run(args) -> int:
             generator = torch.Generator().manual_seed(args.seed)  # per image: the result does not depend on order
         try:
             data = read_image(src, **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
-            out = pipe(data, outscale=args.outscale, tile=args.tile, tile_pad=args.tile_pad, callback=progress,
-                       generator=generator, **call)
+            base = {"outscale": args.outscale, "tile": args.tile, "tile_pad": args.tile_pad}
+            if recipe is not None:
+                base, call = recipe.split_call((data.height, data.width) if recipe.maps else None)
+                generator = recipe.generator()  # per image, as the app seeds each run
+            out = pipe(data, callback=progress, generator=generator, **base, **call)
             if grid:
                 pix, sem = grid
                 state = out.extras["redial_state"]

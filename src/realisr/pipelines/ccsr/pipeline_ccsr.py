@@ -45,6 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ...dials import Dial, ModelDials
 from ..base import SRPipeline
 from ..diffusion_common import (RESIZE_MODES, OneStepDiffusionPipeline, Preprocessed, finish_output,
                                 latent_tile_plan, move_module, pil_resize, preprocess, tiled_latent_predict,
@@ -178,6 +179,22 @@ class CCSRPipeline(OneStepDiffusionPipeline, SRPipeline):
     """
 
     flavor = "pisa"
+    # What `realisr serve` shows (every change is a full run; empty settings come from the preset). The seed
+    # defaults to 0 so that a result and its recipe replay are the same image. CPU prior: a rough guess.
+    dials = ModelDials(
+        dials=(
+            Dial("preset", "Preset", "choice", default=None, only=("ccsr",),
+                 choices=(("the model's (one-step)", None), "one-step", "two-step"),
+                 help="one-step: 1 step, no CFG; two-step: 6 steps, CFG 4.5 (the released settings)"),
+            Dial("steps", "Steps (empty: the preset's)", "int", default=None, minimum=1, maximum=100),
+            Dial("guidance_scale", "Guidance scale (empty: the preset's)", "float", default=None, minimum=0.0,
+                 maximum=20.0, advanced=True),
+            Dial("prompt", "Prompt (empty: the preset's)", "text", default=None, advanced=True),
+            Dial("seed", "Seed", "seed", default=0, help="the sampler's noise"),
+            Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
+                 advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+        ),
+        grid="latent", seconds_per_mp={"cpu": 900.0, "cuda": 6.0}, bytes_per_out_pixel=2600.0, model_bytes=6.5e9)
 
     def __init__(self, spec, *, unet, controlnet, vae, text_encoder, tokenizer, scheduler, device=None, dtype=None):
         super().__init__(spec, device=device, dtype=dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from ...dials import Dial, ModelDials
 from ...progress import report
 from ...registry import ModelSpec, WeightSource
 from ...tiling import auto_tile_size, balanced_tile, run_with_oom_retry, tiled_forward
@@ -121,6 +122,14 @@ class GANPipeline(SRPipeline):
             if cb is not None:
                 cb(i + 1, len(self._blocks))
         return hook
+
+    # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
+    # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
+    dials = ModelDials(dials=(
+        Dial("fidelity", "Fidelity (0 = released GAN, 1 = L1-tuned)", "float", default=0.0, minimum=0.0,
+             maximum=1.0, step=0.05, spatial=True, requires=("fidelity_delta",),
+             help="weight-space interpolation towards fidelity; fewer GAN artefacts, less invented detail"),
+    ), seconds_per_mp={"cpu": 29.0, "cuda": 0.3}, bytes_per_out_pixel=1500.0, model_bytes=7e7)
 
     def _forward(self, x):
         import torch

@@ -28,6 +28,7 @@ import logging
 from collections import OrderedDict
 from typing import Callable, Optional, Union
 
+from ...dials import POSTERIOR_SEED, Dial, ModelDials
 from ..base import SRPipeline
 from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_tile_plan, move_module,
                                tiled_latent_predict)
@@ -100,6 +101,17 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     flavor = "osediff"
     timestep = 999
+    # What `realisr serve` shows (every change is a full run: the prompt reaches the UNet).
+    dials = ModelDials(
+        dials=(
+            Dial("prompt", "Prompt", "text", default="", help="text added after the tags"),
+            Dial("tags", "Tags (RAM / DAPE) before the prompt", "bool", default=True,
+                 help="the official prompt: the tagger's tags, then yours (when the tagger files are here)"),
+            Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
+                 advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+            POSTERIOR_SEED,
+        ),
+        grid="latent", seconds_per_mp={"cpu": 300.0, "cuda": 2.0}, bytes_per_out_pixel=2300.0, model_bytes=5.2e9)
 
     def __init__(self, spec, *, unet, vae, text_encoder, tokenizer, scheduler, device=None, dtype=None,
                  tagger=None):

@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ...dials import POSTERIOR_SEED, Dial, ModelDials
 from ..base import SRPipeline, SROutput, to_image_data
 from ..diffusion_common import (OneStepDiffusionPipeline, Preprocessed, dial_to_latent, finish_output,
                                 latent_tile_plan, move_module, tiled_latent_predict)
@@ -80,6 +81,21 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     flavor = "pisa"
     timestep = 1
+    # What `realisr serve` shows: the two dials re-render from the kept predictions (one VAE decode, no UNet
+    # pass); every call runs the adjustable mode so that a recipe replays the displayed image exactly.
+    # Priors measured on 2 CPU cores in fp32 (tests/slow/test_large_image.py: 2048x2048, 2567 s, 14.7 GB).
+    dials = ModelDials(
+        dials=(
+            Dial("lambda_pix", "lambda_pix (pixel fidelity)", "float", default=1.0, minimum=0.0, maximum=2.0,
+                 step=0.05, cheap=True, spatial=True, help="removes noise and compression; over-smooths when large"),
+            Dial("lambda_sem", "lambda_sem (semantic detail)", "float", default=1.0, minimum=0.0, maximum=2.0,
+                 step=0.05, cheap=True, spatial=True, help="adds perceptual detail; artifacts when large"),
+            Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
+                 advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+            POSTERIOR_SEED,
+        ),
+        redial="redial", keep={"keep_predictions": True}, fixed={"default_mode": False}, grid="latent",
+        seconds_per_mp={"cpu": 610.0, "cuda": 4.0}, bytes_per_out_pixel=2300.0, model_bytes=5.2e9)
 
     def __init__(self, spec, *, unet, vae, prompt_embeds, device=None, dtype=None):
         super().__init__(spec, device=device, dtype=dtype)

@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
+from ...dials import Dial, ModelDials
 from ..base import SRPipeline
 from ..diffusion_common import (OneStepDiffusionPipeline, cached_prompt_embeds, ddpm_step, finish_output,
                                 latent_tile_plan, move_module, preprocess, tiled_latent_predict, vae_decode,
@@ -173,6 +174,23 @@ class SeeSRPipeline(OneStepDiffusionPipeline, SRPipeline):
     """
 
     flavor = "pisa"  # symmetric tile weights; compat="official" uses the official y midpoint ("osediff")
+    # What `realisr serve` shows (every change is a full run). The seed defaults to 0 so that a result and its
+    # recipe replay are the same image. Prior per step: bench_multistep.py on the loaded 2-core CPU (68 s/step at
+    # 256x256 with CFG), a rough guess on GPUs.
+    dials = ModelDials(
+        dials=(
+            Dial("prompt", "Prompt", "text", default="", help="text added to the tags"),
+            Dial("tags", "Tags (DAPE) in the prompt", "bool", default=True,
+                 help="the official prompt: the tagger's tags (when the tagger files are here), then yours"),
+            Dial("steps", "Steps (empty: the model's)", "int", default=None, minimum=1, maximum=200),
+            Dial("guidance_scale", "Guidance scale (empty: the model's)", "float", default=None, minimum=0.0,
+                 maximum=20.0, advanced=True),
+            Dial("seed", "Seed", "seed", default=0, help="the sampler's noise"),
+            Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
+                 advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+        ),
+        grid="latent", per_step="steps", seconds_per_mp={"cpu": 1000.0, "cuda": 0.6}, bytes_per_out_pixel=3000.0,
+        model_bytes=8e9)
 
     def __init__(self, spec, *, unet, controlnet, vae, text_encoder, tokenizer, scheduler, tagger=None,
                  tagger_kwargs: Optional[dict] = None, device=None, dtype=None):
