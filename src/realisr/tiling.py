@@ -19,6 +19,7 @@ Contract of :func:`tiled_forward`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -184,7 +185,7 @@ def tiled_forward(
         px0, px1 = max(0, x0 - pad), min(w, x1 + pad)
         inp = x[:, :, py0:py1, px0:px1].to(device=device, dtype=dtype)
         inp, (ph, pw) = pad_to_multiple(inp, size_multiple)
-        with torch.inference_mode() if not torch.is_grad_enabled() else _nullcontext():
+        with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
             res = fn(inp)
         if res.ndim != 4:
             raise ValueError(f"tile function returned shape {tuple(res.shape)}, expected NCHW")
@@ -214,14 +215,6 @@ def tiled_forward(
         del inp, res
         report(callback, stage, i + 1, len(boxes))
     return (out / acc_w).float()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _overlaps(boxes: Sequence[tuple[int, int, int, int]], i: int, scale: int) -> tuple[int, int, int, int]:
