@@ -10,12 +10,9 @@ Modes:
   restored image plus the final low-frequency band of the source, clamped to ``[0, 1]``.
 * ``"none"`` (the official name is ``"nofix"``; both are accepted).
 
-Two paths:
-
-* :func:`color_fix` works on float tensors in ``[0, 1]`` (what realisr pipelines use: no quantisation).
-* :func:`color_fix_pil` reproduces the official scripts bit for bit: 8-bit PIL images in, ``ToTensor``,
-  the float fix, and torchvision's ``ToPILImage`` which *truncates* ``x * 255`` instead of rounding.
-  :func:`to_pil_truncated` is that last step on its own.
+:func:`color_fix` works on float tensors in ``[0, 1]``. The official scripts run it on 8-bit images and
+truncate the result to 8 bits; the diffusion pipelines reproduce that with ``compat="official"``
+(:func:`realisr.pipelines.diffusion_common.finish_output_official`).
 
 These few lines are written here rather than imported because the reference implementations live in the
 research repositories, not in a library.
@@ -27,10 +24,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from PIL import Image
 
 __all__ = ["COLOR_FIX_MODES", "normalize_mode", "adain_color_fix", "wavelet_color_fix", "color_fix",
-           "color_fix_pil", "to_pil_truncated", "pil_to_tensor01", "wavelet_decomposition"]
+           "wavelet_decomposition"]
 
 COLOR_FIX_MODES = ("adain", "wavelet", "none")
 _ALIASES = {"adain": "adain", "wavelet": "wavelet", "none": "none", "nofix": "none", None: "none"}
@@ -121,29 +117,3 @@ def color_fix(target: "torch.Tensor", source: "torch.Tensor", mode: str = "adain
     if mode == "wavelet":
         return wavelet_color_fix(target, source)
     return target.clamp(0.0, 1.0)
-
-
-def pil_to_tensor01(img: "Image.Image") -> "torch.Tensor":
-    """torchvision ``ToTensor`` for an 8-bit RGB PIL image: ``[1, 3, H, W]`` float32 ``= uint8 / 255``."""
-    import numpy as np
-    import torch
-
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div(255)
-
-
-def to_pil_truncated(x: "torch.Tensor") -> "Image.Image":
-    """torchvision ``ToPILImage`` for float input: ``uint8(x * 255)`` with truncation (as the official scripts)."""
-    from PIL import Image
-
-    t = x[0] if x.ndim == 4 else x
-    arr = t.mul(255).byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, "RGB")
-
-
-def color_fix_pil(target: "Image.Image", source: "Image.Image", mode: str = "adain") -> "Image.Image":
-    """The official scripts' PIL colour fix: 8-bit in, 8-bit out (truncating), ``"none"`` returns ``target``."""
-    mode = normalize_mode(mode)
-    if mode == "none":
-        return target
-    return to_pil_truncated(color_fix(pil_to_tensor01(target), pil_to_tensor01(source), mode))

@@ -21,7 +21,6 @@ from helpers.onestep import golden_dir, sd_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = golden_dir()
 SD = sd_dir(GOLDEN)
-pytestmark = pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")
 
 STAGE1_STEPS = 24
 HAVE_LPIPS = importlib.util.find_spec("lpips") is not None
@@ -168,10 +167,7 @@ def test_checkpoint_loads_into_the_inference_pipeline(trained):
     for fname in ("pisa_sr.pkl", "pisa_sr.safetensors"):
         ckpt = load_official_checkpoint(folder / fname, expect="pisa-sr")
         assert ckpt.method == "pisa-sr"
-    try:
-        from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
-    except ImportError:  # pragma: no cover - the pipeline lands separately
-        pytest.skip("PiSA-SR pipeline not available")
+    from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
     from realisr.registry import get_spec
 
     trainer = trained["trainer"]

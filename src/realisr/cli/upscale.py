@@ -29,6 +29,7 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    "compat": "compat",
 }
 SAMPLE_PREFIX = "sample:"
 
@@ -78,6 +79,9 @@ def add_arguments(p) -> None:
     g.add_argument("--latent-tile", type=int, default=None, help="latent tile size (default 96)")
     g.add_argument("--latent-overlap", type=int, default=None, help="latent tile overlap (default 32)")
     g.add_argument("--vae-tile", type=int, default=None, help="VAE tile size in pixels (default: automatic)")
+    g.add_argument("--compat", default=None, choices=["default", "official"],
+                   help="official: the official script's output exactly (8-bit truncation, 8-bit colour fix, its "
+                        "output size and bugs; docs/pisa-sr-osediff.md); default: realisr's fixes")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ processed LQ (``[1, 3, H, W]`` float in ``[0, 1]``, the image DAPE sees). :class
 (``image -> "tag1, tag2"``) into the official format; RAM/DAPE taggers plug in there.
 
 Deviations (see :mod:`realisr.pipelines.diffusion_common`): posterior mode instead of a sample (seeded
-sampling available), the output is always 4x the input (the official script drops its resize-back), and the
-LoRAs are merged by default (``merge_lora=False`` keeps them separate, the official script's default; both
-agree to float precision).
+sampling available), the output is always 4x the input and colour-fixed in float (the official script
+quantises by truncation, colour-fixes in 8 bits and drops its resize-back; ``compat="official"`` reproduces
+that, see ``docs/pisa-sr-osediff.md``), and the LoRAs are merged by default (``merge_lora=False`` keeps them
+separate, the official script's default; both agree to float precision).
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from collections import OrderedDict
 from typing import Callable, Union
 
 from ..base import SRPipeline
-from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_tile_plan, move_module,
+from ..diffusion_common import (COMMON_ARGS, OneStepDiffusionPipeline, latent_tile_plan, move_module,
                                tiled_latent_predict)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OSEDiffPipeline", "TagPrompt", "official_prompt"]
 
-_ARGS = ("prompt", "color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
-         "sample_posterior")
+_ARGS = COMMON_ARGS + ("prompt",)
 PromptSource = Union[str, Callable[..., str]]
 
 
@@ -64,7 +64,7 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
     """OSEDiff. Build with :meth:`from_spec` (``realisr.load_pipeline("osediff")``).
 
     Call: ``pipe(image, prompt="", color_fix="adain", process_size=512, resize_mode="official",
-    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, ...)``.
+    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, compat="default", ...)``.
     """
 
     flavor = "osediff"
@@ -180,10 +180,10 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, prompt: PromptSource = "",
                      color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
-                     latent_overlap=None, vae_tile=None, sample_posterior=False):
+                     latent_overlap=None, vae_tile=None, sample_posterior=False, compat="default"):
         color_fix = color_fix or self.spec.color_fix
         lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
-        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
+        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode, compat=compat)
         text = self.resolve_prompt(prompt, pre.image)
         emb = self.prompt_embeds(text)
         z_l = self.encode(pre.image, sample_posterior=sample_posterior, generator=generator, vae_tile=vae_tile,
@@ -191,9 +191,9 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         eps = self.predict(z_l, emb, latent_tile=lt, latent_overlap=lo, callback=callback)
         z_h = self.step(z_l, eps)
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
-        out = finish_output(y, pre, color_fix)
+        out = self.finish(y, pre, color_fix, compat)
         extras["info"] = {"prompt": text, "color_fix": color_fix, "processed_size": pre.size,
-                          "resize_flag": pre.resize_flag,
+                          "resize_flag": pre.resize_flag, "compat": compat,
                           "latent_tiles": latent_tile_plan(z_l.shape[-2], z_l.shape[-1], lt, lo)}
         return out
 
