@@ -81,8 +81,7 @@ class GANPipeline(SRPipeline):
             x = x.contiguous(memory_format=torch.channels_last)
         return self._call(x)
 
-    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
-                     **kwargs):
+    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras):
         import torch
 
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
