@@ -50,9 +50,29 @@ def test_pisa_default_and_dials_match_the_api(setup):
     assert np.abs(read_image(tmp / "default.png").pixels - read_image(tmp / "dial.png").pixels).mean() > 1e-3
 
 
-def test_lambda_grid_writes_cells_and_a_contact_sheet(setup):
+def test_lambda_grid_writes_cells_and_a_contact_sheet(setup, monkeypatch):
+    import gc
+    import weakref
+    from pathlib import Path
+
+    import realisr.io
+
     tmp, src, arr = setup
+    # each full-size cell is written as it comes and dropped: when a file is written, no earlier cell is still
+    # held (the contact sheet keeps thumbnails)
+    real_write = realisr.io.write_image
+    cell_refs, held = [], []
+
+    def spy(path, image, **kw):
+        real_write(path, image, **kw)
+        gc.collect()
+        held.append(sum(r() is not None for r in cell_refs))
+        if "_pix" in Path(path).name:
+            cell_refs.append(weakref.ref(image.pixels))
+
+    monkeypatch.setattr(realisr.io, "write_image", spy)
     assert _run("-m", "pisa-sr", "-i", src, "-o", tmp / "out.png", "--lambda-grid", "0,1;0.5,1,1.5") == 0
+    assert len(cell_refs) == 6 and len(held) == 7 and max(held) == 0, held
     cells = sorted(p.name for p in tmp.glob("out_pix*_sem*.png"))
     assert cells == sorted(f"out_pix{p}_sem{s}.png" for p in ("0", "1") for s in ("0.5", "1", "1.5"))
     sheet = read_image(tmp / "out_grid.png").pixels
@@ -65,6 +85,19 @@ def test_lambda_grid_writes_cells_and_a_contact_sheet(setup):
     with torch.inference_mode():
         default = pipe(arr, process_size=64).pixels
     assert np.abs(read_image(tmp / "out_pix1_sem1.png").pixels - default).max() <= 1.5 / 255
+
+
+def test_contact_sheet_holds_thumbnails():
+    from realisr.cli.upscale import ContactSheet
+
+    sheet = ContactSheet([0.0, 1.0], [0.5], thumb_width=100)
+    for lp in (0.0, 1.0):
+        sheet.add(lp, 0.5, np.full((300, 400, 3), lp, np.float32))
+    assert {t.size for t in sheet.thumbs.values()} == {(100, 75)}
+    img = np.asarray(sheet.render())
+    assert img.shape == (2 * (75 + ContactSheet.label), 100, 3)
+    assert img[ContactSheet.label + 10, 50].tolist() == [0, 0, 0]
+    assert img[2 * ContactSheet.label + 75 + 10, 50].tolist() == [255, 255, 255]
 
 
 def test_osediff_with_a_prompt(setup):
