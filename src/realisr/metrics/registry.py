@@ -266,7 +266,7 @@ def create_metric(metric_id: str, *, border: Optional[int] = None, device=None):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The table. Conventions: docs/metrics.md and ../shared/docs/reference/metrics-offline.md.
+# The table. Conventions: docs/metrics.md.
 _TV = "https://download.pytorch.org/models"
 _PYIQA = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 _RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"

@@ -6,7 +6,7 @@ mechanism as diffusers' ``add_adapter``, which the official code uses), so param
 official checkpoint keys: ``<module path>.lora_A.<adapter>.weight`` / ``.lora_B.<adapter>.weight`` and, for a
 wrapped module, ``<module path>.base_layer.{weight,bias}``.
 
-Official rules (see ``docs/reference/pisa-sr-and-osediff.md`` sections 2.1, 3.1, 4):
+Official rules (``docs/pisa-sr-osediff.md``, "LoRA modules and checkpoint files"):
 
 * UNet (both methods): walk ``unet.named_parameters()``; skip names containing ``"bias"`` or ``"norm"``; at the
   first pattern of :data:`UNET_LORA_PATTERNS` that is a substring of the name, the module goes to

@@ -47,22 +47,35 @@ def _load_no_model_weights(models, input_dir) -> None:
     models.clear()
 
 
+def _source_checkout() -> Optional[Path]:
+    """The root of the realisr clone this code runs from (an editable install), else ``None``."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "realisr").is_dir() else None
+
+
 def resolve_pretrained(pretrained: str) -> Path:
-    """A diffusers model folder from a local path or a hub id already in the HF cache (no download).
+    """A diffusers model folder: a local path, a path relative to the realisr clone this code runs from (the
+    ``tiny-cpu`` recipe names ``tests/fixtures/golden/sd``), or a hub id already in the HF cache (no download).
 
     Raises:
-        WeightsNotFoundError: neither exists.
+        WeightsNotFoundError: none of them exists.
     """
     p = Path(pretrained).expanduser()
     if p.is_dir():
         return p
+    checkout = _source_checkout()
+    if not p.is_absolute() and checkout is not None and (checkout / p).is_dir():
+        logger.info("model.pretrained %s: the folder of the realisr clone %s", pretrained, checkout)
+        return checkout / p
     from realisr.weights.cache import find_hf_snapshot, hf_hub_cache
 
     snap = find_hf_snapshot(pretrained)
     if snap is not None:
         return snap
-    raise WeightsNotFoundError(f"diffusion backbone {pretrained!r} is neither a folder nor in the HF cache "
-                               f"({hf_hub_cache()}): download it there or set model.pretrained to a local folder")
+    where = " (here or in a realisr clone)" if not p.is_absolute() else ""
+    raise WeightsNotFoundError(f"diffusion backbone {pretrained!r} is neither a folder{where} nor in the HF cache "
+                               f"({hf_hub_cache()}): download it there or set a local folder with "
+                               "--set model.pretrained=FOLDER")
 
 
 def load_sd_components(pretrained: str) -> dict:

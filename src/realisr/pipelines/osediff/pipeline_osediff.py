@@ -1,6 +1,6 @@
 """OSEDiff (Wu et al., NeurIPS 2024): one-step SD-2.1 super-resolution at ``t = 999``.
 
-What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` sections 1.2, 3.1):
+What the official code computes (``docs/pisa-sr-osediff.md``):
 
 * ``z_L = VAE_enc_LoRA(lq) * 0.18215`` (the VAE encoder carries a LoRA, the decoder does not);
 * ``eps = UNet_LoRA(z_L, t=999, prompt)`` (UNet LoRA plus a fine-tuned ``conv_in``);

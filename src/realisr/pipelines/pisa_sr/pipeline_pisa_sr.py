@@ -2,7 +2,7 @@
 LoRA and two dials, ``lambda_pix`` (fidelity, removes noise/compression; over-smooths when large) and
 ``lambda_sem`` (perceptual detail; artifacts when large).
 
-What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` section 1.3):
+What the official code computes (``docs/pisa-sr-osediff.md``):
 
 * ``z_L = VAE.encode(lq) * 0.18215``; the UNet runs once at ``t = 1`` with the empty-prompt embedding;
   ``z_H = z_L - eps``; ``out = clamp(VAE.decode(z_H / 0.18215), -1, 1)``; colour fix; resize back.
