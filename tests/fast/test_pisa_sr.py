@@ -174,6 +174,10 @@ def test_explicit_latent_overlap_not_smaller_than_latent_tile_fails_before_any_w
     monkeypatch.setattr(pipe, "encode", boom)
     with pytest.raises(ValueError, match="latent_overlap 12 must be smaller than latent_tile 12"):
         pipe(_image(20, 20, seed=1), process_size=PS, latent_tile=12, latent_overlap=12)
+    # from the pixel arguments: tile 32 px -> 16 latents, tile_pad 40 px -> 20 latents
+    with pytest.raises(ValueError, match=r"latent overlap 20 must be smaller than latent tile 16 \(from tile 32 px "
+                                         r"and tile_pad 40 px\)"):
+        pipe(_image(20, 20, seed=1), process_size=PS, tile=32, tile_pad=40)
 
 
 def _official_tile_starts(n: int, t: int, overlap: int) -> list[int]:

@@ -546,18 +546,29 @@ class OneStepDiffusionPipeline:
 
     def _latent_tiling(self, tile, tile_pad, latent_tile, latent_overlap) -> tuple[int, int]:
         """The latent tile/overlap: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input
-        pixels) converted to latents, else the registry defaults (96 / 32)."""
+        pixels) converted to latents (a tile of at least 8 latents), else the registry defaults (96 / 32).
+
+        Raises:
+            ValueError: the overlap is not smaller than the tile (naming the arguments it came from).
+        """
         opts = self.spec.options
+        given = []
         if latent_tile is None:
             if tile is not None:
                 latent_tile = 0 if tile == 0 else max(8, int(tile) * self.scale // 8)
+                given.append(f"tile {tile} px")
             else:
                 latent_tile = int(opts.get("latent_tile", 96))
         if latent_overlap is None:
             if tile_pad is not None:
                 latent_overlap = int(tile_pad) * self.scale // 8
+                given.append(f"tile_pad {tile_pad} px")
             else:
                 latent_overlap = int(opts.get("latent_overlap", 32))
+        if latent_tile and latent_overlap >= latent_tile:
+            src = f" (from {' and '.join(given)})" if given else ""
+            raise ValueError(f"latent overlap {latent_overlap} must be smaller than latent tile {latent_tile}{src}: "
+                             "use a smaller --tile-pad / --latent-overlap or a larger --tile / --latent-tile")
         return int(latent_tile), int(latent_overlap)
 
     def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official",
