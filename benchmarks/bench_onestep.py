@@ -56,7 +56,7 @@ VAE_CONFIG = dict(  # stabilityai/stable-diffusion-2-1-base vae/config.json
     block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4, sample_size=768, scaling_factor=0.18215)
 SCALE = 4
-ALPHA_BAR_999 = 0.0046601  # SD scaled_linear schedule, t=999 (docs/reference/pisa-sr-and-osediff.md 1.2)
+ALPHA_BAR_999 = 0.0046601  # SD scaled_linear schedule, t=999 (docs/pisa-sr-osediff.md)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

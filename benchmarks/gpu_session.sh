@@ -2,9 +2,10 @@
 # The GPU checks of issue 3 as one prepared run (a GPU is lent rarely, for 15 minutes per session).
 #
 #   1. here, with no GPU:   bash benchmarks/gpu_session.sh --prepare
-#      downloads the wheels the GPU image lacks (diffusers, spandrel) into .whl/ and copies the golden fixtures
-#      into .golden/ (both git-ignored through .git/info/exclude, and carried to the device machine).
-#   2. on the device:       the `run` tool with carry [".whl", ".golden"], timeout_s 560 and the command
+#      downloads the wheels the GPU image lacks (diffusers, spandrel) into .whl/ (git-ignored through
+#      .git/info/exclude, and carried to the device machine). The golden fixtures are in the repository
+#      (tests/fixtures/golden) and travel with the working tree.
+#   2. on the device:       the `run` tool with carry [".whl"], timeout_s 560 and the command
 #                           bash benchmarks/gpu_session.sh
 #      It runs the CUDA tests (tests/gpu, the gpu-marked tests elsewhere) and bench_onestep on CUDA: fp32 / fp16
 #      / bf16 eager, then bf16 + channels_last + torch.compile (CUDA graphs), then bench_multistep (SeeSR, bf16).
@@ -15,13 +16,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
-  for d in /.whl/ /.golden/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+  grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
   rm -rf .whl && mkdir -p .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl diffusers==0.42.1 spandrel==0.4.2 importlib-metadata
-  rm -rf .golden && cp -r ../shared/fixtures/golden .golden
-  du -sh .whl .golden
+  du -sh .whl
   exit 0
 fi
 
@@ -35,7 +35,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH="$PWD/src"
 fi
-[ -d .golden ] && export REALISR_GOLDEN_DIR="$PWD/.golden"
 
 { nvidia-smi; python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__,
   'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"; } \

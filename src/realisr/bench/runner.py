@@ -137,22 +137,15 @@ def pair_images(lq_dir: Path, hq_dir: Optional[Path] = None, pair_by: str = "nam
 def read_rgb(path: Path) -> np.ndarray:
     """An image as RGB: uint8 ``[H, W, 3]`` for 8-bit files (exact, what basicsr-style metrics expect),
     float32 in ``[0, 1]`` otherwise. Grey is replicated; alpha is dropped."""
-    try:
-        from ..io.image_io import read_image
-    except ImportError:  # pragma: no cover - io lands separately
-        read_image = None
-    if read_image is not None:
-        data = read_image(path)
-        px = data.pixels
-        if px.shape[2] == 1:
-            px = np.repeat(px, 3, axis=2)
-        if data.bit_depth == 8:
-            return np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8)
-        return px.astype(np.float32)
-    from PIL import Image  # pragma: no cover
+    from ..io.image_io import read_image
 
-    with Image.open(path) as im:  # pragma: no cover
-        return np.asarray(im.convert("RGB"))
+    data = read_image(path)
+    px = data.pixels
+    if px.shape[2] == 1:
+        px = np.repeat(px, 3, axis=2)
+    if data.bit_depth == 8:
+        return np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8)
+    return px.astype(np.float32)
 
 
 def _save_png(path: Path, rgb_float: np.ndarray) -> None:
@@ -543,7 +536,7 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         if tagged:
             d["tags"] = tagged
         methods_out.append(d)
-    summary = _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start)
+    summary = _summary(cfg, pairs, metric_ids, minfo, methods_out, failures, t_start)
     _write_csv(cfg.out_dir / "results.csv", rows, [m for m in available if m in per])
     if cfg.seeds > 1:
         _write_stability_csv(cfg.out_dir / "stability.csv", methods_out, [m for m in available if m in per])
@@ -555,7 +548,7 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
     return summary
 
 
-def _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start) -> dict:
+def _summary(cfg, pairs, metric_ids, minfo, methods_out, failures, t_start) -> dict:
     import platform
 
     from .. import __version__

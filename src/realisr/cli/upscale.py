@@ -137,7 +137,8 @@ def add_arguments(p) -> None:
     g.add_argument("--latent-overlap", type=NON_NEGATIVE_INT, default=None, help="latent tile overlap (default 32)")
     g.add_argument("--vae-tile", type=LATENT_TILE, default=None, help="VAE tile size in pixels (default: automatic)")
     g.add_argument("--compat", default=None, choices=["default", "official"],
-                   help="official: reproduce the official code's known bugs (see the method's docs page)")
+                   help="official: the official script's output exactly (8-bit truncation, 8-bit colour fix, its "
+                        "output size and bugs; see the method's docs page); default: realisr's fixes")
     g = p.add_argument_group("multi-step diffusion models (ccsr, seesr)")
     g.add_argument("--steps", type=int, default=None,
                    help="sampling steps (ccsr one-step: 1, two-step: 6; seesr: 50; seesr-turbo: 2)")
@@ -261,27 +262,43 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
-def _render_grid(cells: dict, pix: list[float], sem: list[float]):
-    """A labelled contact sheet: rows = lambda_pix, columns = lambda_sem."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+class ContactSheet:
+    """A labelled contact sheet of a dial grid (rows = lambda_pix, columns = lambda_sem), built cell by cell.
 
-    first = next(iter(cells.values()))
-    h, w = first.shape[:2]
-    thumb_w = min(w, 384)
-    thumb_h = max(1, round(h * thumb_w / w))
+    Only a thumbnail (at most ``thumb_width`` pixels wide) of each cell is kept, so a grid of full-size
+    renders never sits in memory at once: each cell is written to its own file as it comes and dropped.
+    """
+
     label = 18
-    sheet = Image.new("RGB", (len(sem) * thumb_w, len(pix) * (thumb_h + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, lp in enumerate(pix):
-        for c, ls in enumerate(sem):
-            arr = np.clip(np.rint(cells[(lp, ls)] * 255), 0, 255).astype(np.uint8)
-            tile = Image.fromarray(arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]).convert("RGB")
-            tile = tile.resize((thumb_w, thumb_h), Image.LANCZOS)
-            y = r * (thumb_h + label)
-            sheet.paste(tile, (c * thumb_w, y + label))
-            draw.text((c * thumb_w + 4, y + 3), f"pix {_fmt(lp)}  sem {_fmt(ls)}", fill="black")
-    return sheet
+
+    def __init__(self, pix: list[float], sem: list[float], thumb_width: int = 384):
+        self.pix, self.sem, self.thumb_width = list(pix), list(sem), thumb_width
+        self.thumbs: dict = {}
+
+    def add(self, lambda_pix: float, lambda_sem: float, pixels) -> None:
+        """Keep the thumbnail of one cell (``pixels``: float ``[H, W, C]`` in ``[0, 1]``)."""
+        import numpy as np
+        from PIL import Image
+
+        arr = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+        tile = Image.fromarray(arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]).convert("RGB")
+        h, w = arr.shape[:2]
+        tw = min(w, self.thumb_width)
+        self.thumbs[(lambda_pix, lambda_sem)] = tile.resize((tw, max(1, round(h * tw / w))), Image.LANCZOS)
+
+    def render(self):
+        """The sheet as a PIL RGB image."""
+        from PIL import Image, ImageDraw
+
+        tw, th = next(iter(self.thumbs.values())).size
+        sheet = Image.new("RGB", (len(self.sem) * tw, len(self.pix) * (th + self.label)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for r, lp in enumerate(self.pix):
+            for c, ls in enumerate(self.sem):
+                y = r * (th + self.label)
+                sheet.paste(self.thumbs[(lp, ls)], (c * tw, y + self.label))
+                draw.text((c * tw + 4, y + 3), f"pix {_fmt(lp)}  sem {_fmt(ls)}", fill="black")
+        return sheet
 
 
 def _apply_recipe(args):
@@ -472,15 +489,16 @@ def run(args) -> int:
             if grid:
                 pix, sem = grid
                 state = out.extras["redial_state"]
-                cells = {}
+                del out
+                sheet = ContactSheet(pix, sem)
                 for lp in pix:
                     for ls in sem:
                         o = pipe.redial(state, lambda_pix=lp, lambda_sem=ls, outscale=args.outscale)
-                        cells[(lp, ls)] = o.image.pixels
                         cell_path = dst.with_name(f"{dst.stem}_pix{_fmt(lp)}_sem{_fmt(ls)}{dst.suffix}")
                         write_image(cell_path, o.image, overwrite=True, **write_kw)
-                sheet = _render_grid(cells, pix, sem)
-                arr = np.asarray(sheet, dtype=np.float32) / 255.0
+                        sheet.add(lp, ls, o.image.pixels)  # a thumbnail; the full-size cell is dropped
+                        del o
+                arr = np.asarray(sheet.render(), dtype=np.float32) / 255.0
                 write_image(targets[0], ImageData(pixels=arr), overwrite=True)
             else:
                 write_image(dst, out.image, overwrite=args.overwrite, **write_kw)

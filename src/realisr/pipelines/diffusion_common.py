@@ -16,6 +16,13 @@ processed size against the processed LQ, and the result is resized (PIL bicubic,
 ``scale x`` the input size. The official scripts only resize back when ``resize_flag`` is set (PiSA-SR) or
 never (OSEDiff drops the result of its resize): realisr always returns ``scale x`` the input size.
 
+``compat="official"`` reproduces the official scripts' *output path* exactly instead (see
+:func:`finish_output_official` and ``docs/pisa-sr-osediff.md``): the input is taken as 8-bit RGB, the decoded
+image is quantised to uint8 by truncation (torchvision ``ToPILImage``), colour-fixed as an 8-bit image against
+the processed LQ and truncated again, resized back in 8 bits (PiSA-SR, only with ``resize_flag``), and returned
+at the official size (the processed size unless PiSA-SR resized back; OSEDiff never does). Its values are
+multiples of 1/255, so realisr's writer stores exactly the official 8-bit PNG.
+
 ``resize_mode="pad"``: bicubic x``scale`` only, then the image is padded (reflect) on the bottom/right to a
 multiple of 8 and the output cropped; no other resampling, so pixel geometry is kept exactly, but tiny
 inputs are processed at their own size (no minimum of ``process_size``).
@@ -26,7 +33,7 @@ square, ``T = min(tile, h, w)``; origins per axis are ``0, T - overlap, 2(T - ov
 predictions are blended with the separable Gaussian ``exp(-(x - m)^2 / (2 * 0.01 * T^2)) / sqrt(2 pi 0.01)``
 (float64), ``m = (T - 1) / 2`` (OSEDiff uses ``m = T / 2`` on the y axis: ``flavor="osediff"``). Fixes over
 the official code: the weights are built for the clamped tile (PiSA-SR crashes on thin images), and an
-overlap not smaller than the clamped tile (an infinite loop officially) is reduced to ``T // 2``.
+overlap not smaller than the clamped tile (an infinite loop officially) is an error naming both sizes.
 """
 
 from __future__ import annotations
@@ -45,11 +52,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESIZE_MODES",
+    "COMPAT_MODES",
+    "COMMON_ARGS",
     "Preprocessed",
     "preprocess",
     "official_sizes",
     "pil_resize",
     "finish_output",
+    "finish_output_official",
     "latent_tile_plan",
     "gaussian_tile_weights",
     "gaussian_window",
@@ -66,6 +76,9 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("official", "pad")
+#: ``compat`` values shared by the diffusion pipelines: ``"default"`` (realisr's fixes) or ``"official"`` (the
+#: official scripts' behaviour, their bugs included; documented per method in ``docs/``).
+COMPAT_MODES = ("default", "official")
 
 
 @dataclass
@@ -140,7 +153,7 @@ def pil_resize(x, size_wh: tuple[int, int], resample, *, exact_8bit: bool):
 
 
 def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "official",
-               multiple_filter: str = "lanczos") -> Preprocessed:
+               multiple_filter: str = "lanczos", force_8bit: bool = False) -> Preprocessed:
     """Pre-process an LQ image as the official scripts do (see the module docstring).
 
     Args:
@@ -150,6 +163,8 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
         mode: ``"official"`` or ``"pad"``.
         multiple_filter: the PIL filter of step 3 (the resize to a multiple of 8): ``"lanczos"`` (PiSA-SR,
             OSEDiff) or ``"bicubic"`` (SeeSR, whose script calls ``resize`` with PIL's default).
+        force_8bit: resample through rounded uint8 images even when ``x`` has finer levels (16-bit or float
+            input), as the official scripts' ``convert("RGB")`` does (``compat="official"``).
 
     Raises:
         ValueError: unknown mode or bad sizes.
@@ -161,6 +176,9 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
     h, w = x.shape[-2:]
     exact = _is_8bit(x)
+    if force_8bit and not exact:
+        logger.info("compat='official': the input is reduced to 8 bits per channel, as the official scripts do")
+        exact = True
     out_size = (h * scale, w * scale)
     if mode == "official":
         flag, size, up, final = official_sizes(w, h, scale, process_size)
@@ -207,18 +225,70 @@ def finish_output(y, pre: Preprocessed, color_fix: str = "adain"):
     return y.contiguous()
 
 
+def _truncate_u8(y):
+    """torchvision ``ToPILImage`` on a float tensor in ``[0, 1]``: ``(y * 255).byte()``, truncating (not rounding)."""
+    import torch
+
+    return y.mul(255).to(torch.uint8)
+
+
+def finish_output_official(y, pre: Preprocessed, color_fix: str = "adain", *, resize_back: bool):
+    """The official test scripts' output path, bit for bit (``compat="official"``).
+
+    1. ``ToPILImage(y)``: uint8 by truncation of ``y * 255``;
+    2. colour fix of that 8-bit image against the processed LQ (``ToTensor`` of both, the float fix, clamp,
+       ``ToPILImage`` again: truncation);
+    3. with ``resize_back`` and the official ``resize_flag``: 8-bit PIL bicubic resize to ``scale x`` the input
+       size (PiSA-SR); otherwise the processed size is kept (the official output size: the input times
+       ``scale`` made a multiple of 8 by resizing; OSEDiff also keeps it when ``resize_flag`` is set, because
+       its script drops the result of its resize).
+
+    Args:
+        y: ``[1, 3, H, W]`` float in ``[0, 1]`` at the processed size (decoder output ``*0.5+0.5``, clamped).
+        pre: the pre-processing record (``pre.image`` must be the 8-bit processed LQ: ``force_8bit``).
+        color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``.
+        resize_back: resize back when ``pre.resize_flag`` is set (PiSA-SR: True; OSEDiff: False).
+
+    Returns:
+        float32 CPU ``[1, 3, h, w]`` whose values are exactly ``k / 255``.
+    """
+    import torch
+    from PIL import Image
+
+    from ..color_fix import color_fix as _fix
+    from ..color_fix import normalize_mode
+
+    if pre.mode != "official" or not pre.exact_8bit:
+        raise ValueError("compat='official' needs resize_mode='official' and the 8-bit pre-processing")
+    q = _truncate_u8(y.float())
+    mode = normalize_mode(color_fix)
+    if mode != "none":
+        q = _truncate_u8(_fix(q.float().div(255), pre.image.to(q.device), mode))
+    arr = q[0].permute(1, 2, 0).cpu().numpy()
+    if resize_back and pre.resize_flag:
+        h, w = pre.out_size
+        arr = np.asarray(Image.fromarray(arr, "RGB").resize((w, h), Image.BICUBIC))
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None].float().div(255)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Latent tiling
 def latent_tile_plan(h: int, w: int, tile: Optional[int], overlap: int) -> Optional[tuple[int, int]]:
-    """``(T, overlap)`` when the official rule tiles an ``h x w`` latent, else ``None`` (one pass)."""
+    """``(T, overlap)`` when the official rule tiles an ``h x w`` latent, else ``None`` (one pass).
+
+    Raises:
+        ValueError: ``overlap`` is negative or not smaller than the tile ``T = min(tile, h, w)`` (the
+            official code loops forever there; realisr does not guess another overlap).
+    """
     if not tile or h * w <= tile * tile:
         return None
     t = min(int(tile), h, w)
     ov = int(overlap)
-    if ov >= t:
-        ov = t // 2
-        logger.info("latent overlap %d >= tile %d: using %d", overlap, t, ov)
-    return t, max(0, ov)
+    if ov < 0 or ov >= t:
+        clamped = f" (the tile is clamped to the latent's short side, {min(h, w)})" if t < int(tile) else ""
+        raise ValueError(f"latent_overlap {ov} must be >= 0 and smaller than the latent tile {t}{clamped}: "
+                         f"pass a smaller latent_overlap (--latent-overlap), e.g. {t // 2}")
+    return t, ov
 
 
 def gaussian_tile_weights(height: int, width: int, flavor: str = "pisa"):
@@ -528,8 +598,9 @@ def dial_to_latent(value, size: tuple[int, int], *, name: str, content: Optional
 
 # ------------------------------------------------------------------------------------------------------------
 # Shared pipeline base
-_COMMON_ARGS = ("color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
-                "sample_posterior")
+#: The call arguments every one-step diffusion pipeline takes (validated in ``_check_common``).
+COMMON_ARGS = ("color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
+               "sample_posterior", "compat")
 
 
 class OneStepDiffusionPipeline:
@@ -566,8 +637,17 @@ class OneStepDiffusionPipeline:
         ov = kwargs.get("latent_overlap")
         if ov is not None and (isinstance(ov, bool) or not isinstance(ov, int) or ov < 0):
             raise ValueError(f"latent_overlap must be an integer >= 0, got {ov!r}")
+        lt = kwargs.get("latent_tile")
+        if lt and ov is not None and ov >= lt:
+            raise ValueError(f"latent_overlap {ov} must be smaller than latent_tile {lt}")
         if not isinstance(kwargs.get("sample_posterior", False), bool):
             raise ValueError("sample_posterior must be True or False")
+        compat = kwargs.get("compat", "default")
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        if compat == "official" and mode != "official":
+            raise ValueError("compat='official' reproduces the official scripts, which resize: use "
+                             "resize_mode='official' (--resize-mode official), not 'pad'")
 
     @classmethod
     def is_stochastic(cls, spec, **call_kwargs) -> bool:
@@ -576,24 +656,44 @@ class OneStepDiffusionPipeline:
 
     def _latent_tiling(self, tile, tile_pad, latent_tile, latent_overlap) -> tuple[int, int]:
         """The latent tile/overlap: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input
-        pixels) converted to latents, else the registry defaults (96 / 32)."""
+        pixels) converted to latents (a tile of at least 8 latents), else the registry defaults (96 / 32).
+
+        Raises:
+            ValueError: the overlap is not smaller than the tile (naming the arguments it came from).
+        """
         opts = self.spec.options
+        given = []
         if latent_tile is None:
             if tile is not None:
                 latent_tile = 0 if tile == 0 else max(8, int(tile) * self.scale // 8)
+                given.append(f"tile {tile} px")
             else:
                 latent_tile = int(opts.get("latent_tile", 96))
         if latent_overlap is None:
             if tile_pad is not None:
                 latent_overlap = int(tile_pad) * self.scale // 8
+                given.append(f"tile_pad {tile_pad} px")
             else:
                 latent_overlap = int(opts.get("latent_overlap", 32))
+        if latent_tile and latent_overlap >= latent_tile:
+            src = f" (from {' and '.join(given)})" if given else ""
+            raise ValueError(f"latent overlap {latent_overlap} must be smaller than latent tile {latent_tile}{src}: "
+                             "use a smaller --tile-pad / --latent-overlap or a larger --tile / --latent-tile")
         return int(latent_tile), int(latent_overlap)
 
-    def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official") -> Preprocessed:
+    def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official",
+                   compat: str = "default") -> Preprocessed:
         """The official pre-processing of ``x`` (``[1, 3, h, w]`` float ``[0, 1]``): see :func:`preprocess`."""
         ps = process_size if process_size is not None else self.spec.options.get("process_size", 512)
-        return preprocess(x, scale=self.scale, process_size=ps, mode=resize_mode)
+        return preprocess(x, scale=self.scale, process_size=ps, mode=resize_mode, force_8bit=compat == "official")
+
+    def finish(self, y, pre: Preprocessed, color_fix: str, compat: str = "default"):
+        """Colour fix and output size: realisr's float path (:func:`finish_output`) or, with
+        ``compat="official"``, the official scripts' 8-bit path (:func:`finish_output_official`; only PiSA-SR's
+        script resizes back)."""
+        if compat == "official":
+            return finish_output_official(y, pre, color_fix, resize_back=self.flavor == "pisa")
+        return finish_output(y, pre, color_fix)
 
     def encode(self, image01, *, sample_posterior: bool = False, generator=None, vae_tile=None, callback=None):
         """``z_L``: the VAE posterior mode (or a sample) of the processed LQ, times ``scaling_factor``, float32."""

@@ -135,16 +135,25 @@ class HQCropDataset(torch.utils.data.Dataset):
         hflip: random horizontal flip with probability 0.5.
         captions: name -> caption (see :func:`load_captions`).
         random: ``False`` gives centre crops without flips (validation).
+        seed: with a seed, item ``i`` of epoch ``e`` (:meth:`set_epoch`) draws its crop and flip from a generator
+            seeded by ``(seed, e, i)``: the same in any process or data worker, so a resumed run (which skips the
+            batches it already used) sees exactly the crops of an uninterrupted one. Without one, the global RNG.
     """
 
     def __init__(self, files: Sequence[Path], crop_size: int = 512, hflip: bool = True,
-                 captions: Optional[dict[str, str]] = None, random: bool = True):
+                 captions: Optional[dict[str, str]] = None, random: bool = True, seed: Optional[int] = None):
         self.files = [Path(f) for f in files]
         self.crop_size = int(crop_size)
         self.hflip = hflip
         self.captions = captions or {}
         self.random = random
+        self.seed = seed
+        self.epoch = 0
         self._warned_small = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose crops and flips :meth:`__getitem__` draws (with ``seed``)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -180,13 +189,16 @@ class HQCropDataset(torch.utils.data.Dataset):
             nh, nw = max(c, round(h * s)), max(c, round(w * s))
             img = F.interpolate(img[None], size=(nh, nw), mode="bicubic", align_corners=False)[0].clamp_(0, 1)
             h, w = nh, nw
+        g = None
+        if self.seed is not None:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 7919 + index) % (2**62))
         if self.random:
-            top = int(torch.randint(0, h - c + 1, ()).item())
-            left = int(torch.randint(0, w - c + 1, ()).item())
+            top = int(torch.randint(0, h - c + 1, (), generator=g).item())
+            left = int(torch.randint(0, w - c + 1, (), generator=g).item())
         else:
             top, left = (h - c) // 2, (w - c) // 2
         img = img[:, top:top + c, left:left + c]
-        if self.random and self.hflip and torch.rand(()).item() < 0.5:
+        if self.random and self.hflip and torch.rand((), generator=g).item() < 0.5:
             img = img.flip(-1)
         return {"hq": img.contiguous(), "caption": self.caption_for(path), "path": str(path)}
 

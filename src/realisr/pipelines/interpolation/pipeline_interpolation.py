@@ -13,7 +13,7 @@ class InterpolationPipeline(SRPipeline):
     """Bicubic / Lanczos upscaling by the registry entry's scale with Pillow on float32 planes
     (no 8-bit rounding in between)."""
 
-    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, **kwargs):
+    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras):
         import torch
         from PIL import Image
 

@@ -1,6 +1,6 @@
 """OSEDiff (Wu et al., NeurIPS 2024): one-step SD-2.1 super-resolution at ``t = 999``.
 
-What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` sections 1.2, 3.1):
+What the official code computes (``docs/pisa-sr-osediff.md``):
 
 * ``z_L = VAE_enc_LoRA(lq) * 0.18215`` (the VAE encoder carries a LoRA, the decoder does not);
 * ``eps = UNet_LoRA(z_L, t=999, prompt)`` (UNet LoRA plus a fine-tuned ``conv_in``);
@@ -17,9 +17,10 @@ callable ``image -> str`` receiving the processed LQ (it replaces the tagger); :
 tagger (``image -> "tag1, tag2"``) into the official format.
 
 Deviations (see :mod:`realisr.pipelines.diffusion_common`): posterior mode instead of a sample (seeded
-sampling available), the output is always 4x the input (the official script drops its resize-back), and the
-LoRAs are merged by default (``merge_lora=False`` keeps them separate, the official script's default; both
-agree to float precision).
+sampling available), the output is always 4x the input and colour-fixed in float (the official script
+quantises by truncation, colour-fixes in 8 bits and drops its resize-back; ``compat="official"`` reproduces
+that, see ``docs/pisa-sr-osediff.md``), and the LoRAs are merged by default (``merge_lora=False`` keeps them
+separate, the official script's default; both agree to float precision).
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ from typing import Callable, Optional, Union
 
 from ...dials import POSTERIOR_SEED, Dial, ModelDials
 from ..base import SRPipeline
-from ..diffusion_common import (OneStepDiffusionPipeline, finish_output, latent_tile_plan, move_module,
+from ..diffusion_common import (COMMON_ARGS, OneStepDiffusionPipeline, latent_tile_plan, move_module,
                                tiled_latent_predict)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OSEDiffPipeline", "TagPrompt", "official_prompt", "resolve_tagger"]
 
-_ARGS = ("prompt", "tags", "color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
-         "sample_posterior")
+_ARGS = COMMON_ARGS + ("prompt", "tags")
 PromptSource = Union[str, Callable[..., str]]
 
 
@@ -96,7 +96,7 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
     """OSEDiff. Build with :meth:`from_spec` (``realisr.load_pipeline("osediff")``).
 
     Call: ``pipe(image, prompt="", tags=True, color_fix="adain", process_size=512, resize_mode="official",
-    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, ...)``.
+    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, compat="default", ...)``.
     """
 
     flavor = "osediff"
@@ -237,10 +237,10 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, prompt: PromptSource = "",
                      tags: bool = True, color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
-                     latent_overlap=None, vae_tile=None, sample_posterior=False):
+                     latent_overlap=None, vae_tile=None, sample_posterior=False, compat="default"):
         color_fix = color_fix or self.spec.color_fix
         lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
-        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
+        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode, compat=compat)
         ch, cw = pre.content_size  # the tagger sees the processed LQ without any padding (resize_mode="pad")
         text, tag_string = self.resolve_prompt(prompt, pre.image[..., :ch, :cw], tags)
         emb = self.prompt_embeds(text)
@@ -249,9 +249,9 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         eps = self.predict(z_l, emb, latent_tile=lt, latent_overlap=lo, callback=callback)
         z_h = self.step(z_l, eps)
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
-        out = finish_output(y, pre, color_fix)
+        out = self.finish(y, pre, color_fix, compat)
         extras["info"] = {"prompt": text, "tags": tag_string, "color_fix": color_fix, "processed_size": pre.size,
-                          "resize_flag": pre.resize_flag,
+                          "resize_flag": pre.resize_flag, "compat": compat,
                           "latent_tiles": latent_tile_plan(z_l.shape[-2], z_l.shape[-1], lt, lo)}
         return out
 
