@@ -84,7 +84,7 @@ def test_v1_spaced_chain_reuses_the_original_alphas(pipe):
         betas.append(1 - acp[t].item() / last)
         last = acp[t].item()
     np.testing.assert_allclose(np.cumprod(1 - np.array(betas)), acp[list(ts)].numpy(), rtol=1e-12)
-    # reference constants (docs/reference 4.3)
+    # SD-2.1 scaled-linear schedule constants (alphas_cumprod at 999 / 658 / 341)
     assert abs(acp[999] - 0.004660) < 1e-6 and abs(acp[658] - 0.110976) < 1e-6 and abs(acp[341] - 0.521540) < 1e-6
 
 

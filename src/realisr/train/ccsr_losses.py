@@ -1,4 +1,4 @@
-"""CCSR-v2 training losses (docs/reference: ccsr 1.7) and the discriminator's input processing.
+"""CCSR-v2 training losses (docs/ccsr.md, Training) and the discriminator's input processing.
 
 Latents are VAE latents times the scaling factor; images are in ``[-1, 1]``. ``net(z_t, t)`` is the
 ControlNet-steered UNet's epsilon prediction for the batch's condition (a closure).

@@ -1,4 +1,4 @@
-"""CCSR-v2 training (docs/reference: ccsr 1.7; docs/training.md), one stage per run (``ccsr.stage``):
+"""CCSR-v2 training (docs/ccsr.md and docs/training.md), one stage per run (``ccsr.stage``):
 
 * ``controlnet``: the "pre-trained ControlNet" (``train_controlnet.py``): a ControlNet made from the UNet
   (``CCSRControlNetModel.from_unet``, ``condition_conv_in`` with PyTorch's default init) learns the standard

@@ -1,4 +1,4 @@
-"""SeeSR stage-2 training (spec: docs/reference/ccsr-seesr-ea-adam.md 2.3; official ``train_seesr.py``).
+"""SeeSR stage-2 training (docs/seesr.md, Training; official ``train_seesr.py``).
 
 Each step, per image: ``z0 = VAE(HQ).sample * sf`` (frozen VAE), ``eps ~ N(0, I)``, ``t ~ U{0..999}``,
 ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``; the ControlNet sees ``z_t``, the LQ bicubic-upsampled to the HQ
