@@ -54,6 +54,7 @@ __all__ = [
     "RESIZE_MODES",
     "COMPAT_MODES",
     "COMMON_ARGS",
+    "resolve_latent_tiling",
     "Preprocessed",
     "preprocess",
     "official_sizes",
@@ -273,6 +274,39 @@ def finish_output_official(y, pre: Preprocessed, color_fix: str = "adain", *, re
 
 # ------------------------------------------------------------------------------------------------------------
 # Latent tiling
+def resolve_latent_tiling(options: dict, scale: int, tile=None, tile_pad=None, latent_tile=None,
+                          latent_overlap=None) -> tuple[int, int]:
+    """The latent tile/overlap of a call: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input
+    pixels) converted to latents (a tile of at least 8 latents), else the registry defaults ``options``
+    (96 / 32; a tile smaller than the default overlap gets a third of itself as its default overlap).
+
+    Raises:
+        ValueError: the overlap is not smaller than the tile (naming the arguments it came from).
+    """
+    opts = options
+    given = []
+    if latent_tile is None:
+        if tile is not None:
+            latent_tile = 0 if tile == 0 else max(8, int(tile) * scale // 8)
+            given.append(f"tile {tile} px")
+        else:
+            latent_tile = int(opts.get("latent_tile", 96))
+    if latent_overlap is None:
+        if tile_pad is not None:
+            latent_overlap = int(tile_pad) * scale // 8
+            given.append(f"tile_pad {tile_pad} px")
+        else:
+            latent_overlap = int(opts.get("latent_overlap", 32))
+            if latent_tile and latent_overlap >= latent_tile:
+                # the default overlap does not fit a small tile the user chose: the default's ratio (96/32)
+                latent_overlap = int(latent_tile) // 3
+    if latent_tile and latent_overlap >= latent_tile:
+        src = f" (from {' and '.join(given)})" if given else ""
+        raise ValueError(f"latent overlap {latent_overlap} must be smaller than latent tile {latent_tile}{src}: "
+                         "use a smaller --tile-pad / --latent-overlap or a larger --tile / --latent-tile")
+    return int(latent_tile), int(latent_overlap)
+
+
 def latent_tile_plan(h: int, w: int, tile: Optional[int], overlap: int) -> Optional[tuple[int, int]]:
     """``(T, overlap)`` when the official rule tiles an ``h x w`` latent, else ``None`` (one pass).
 
@@ -655,31 +689,8 @@ class OneStepDiffusionPipeline:
         return bool(spec.options.get("stochastic", False) or call_kwargs.get("sample_posterior", False))
 
     def _latent_tiling(self, tile, tile_pad, latent_tile, latent_overlap) -> tuple[int, int]:
-        """The latent tile/overlap: explicit ``latent_*`` args, else the base ``tile``/``tile_pad`` (input
-        pixels) converted to latents (a tile of at least 8 latents), else the registry defaults (96 / 32).
-
-        Raises:
-            ValueError: the overlap is not smaller than the tile (naming the arguments it came from).
-        """
-        opts = self.spec.options
-        given = []
-        if latent_tile is None:
-            if tile is not None:
-                latent_tile = 0 if tile == 0 else max(8, int(tile) * self.scale // 8)
-                given.append(f"tile {tile} px")
-            else:
-                latent_tile = int(opts.get("latent_tile", 96))
-        if latent_overlap is None:
-            if tile_pad is not None:
-                latent_overlap = int(tile_pad) * self.scale // 8
-                given.append(f"tile_pad {tile_pad} px")
-            else:
-                latent_overlap = int(opts.get("latent_overlap", 32))
-        if latent_tile and latent_overlap >= latent_tile:
-            src = f" (from {' and '.join(given)})" if given else ""
-            raise ValueError(f"latent overlap {latent_overlap} must be smaller than latent tile {latent_tile}{src}: "
-                             "use a smaller --tile-pad / --latent-overlap or a larger --tile / --latent-tile")
-        return int(latent_tile), int(latent_overlap)
+        """The latent tile/overlap of a call: :func:`resolve_latent_tiling` with this model's defaults."""
+        return resolve_latent_tiling(self.spec.options, self.scale, tile, tile_pad, latent_tile, latent_overlap)
 
     def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official",
                    compat: str = "default") -> Preprocessed:

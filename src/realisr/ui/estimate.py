@@ -111,18 +111,15 @@ def _grid_pixel(h: int, w: int, tile: Optional[int], pad: int, bytes_per_in: flo
 
 
 def _grid_latent(spec: ModelSpec, h: int, w: int, values: dict):
-    from ..pipelines.diffusion_common import latent_tile_plan, official_sizes
+    from ..pipelines.diffusion_common import latent_tile_plan, official_sizes, resolve_latent_tiling
     from ..tiling import tile_grid
 
     ps = values.get("process_size") or spec.options.get("process_size", 512)
     _flag, _size, _up, (fw, fh) = official_sizes(w, h, spec.scale, int(ps))
     lh, lw = max(1, fh // 8), max(1, fw // 8)
     tile = values.get("tile")
-    if tile is None:
-        lt = int(spec.options.get("latent_tile", 96))
-    else:  # as the pipeline converts input pixels to latents
-        lt = 0 if tile == 0 else max(8, int(tile) * spec.scale // 8)
-    plan = latent_tile_plan(lh, lw, lt, int(spec.options.get("latent_overlap", 32)))
+    lt, lo = resolve_latent_tiling(spec.options, spec.scale, None if tile is None else int(tile))  # as the pipeline
+    plan = latent_tile_plan(lh, lw, lt, lo)
     if plan is None:
         return None, fw * fh
     t, ov = plan
