@@ -7,8 +7,8 @@ it is measured (a run stopped by a timeout keeps what it printed; ``--json`` get
 * ``speed``: ms per image at batch 1, fp16 and bf16, with the time of each stage (pre-processing, VAE encode,
   UNet, VAE decode, post-processing; CUDA events around the pipeline's own stage methods) and peak memory:
   a plain diffusers path (LoRA merged, host pre/post: the official recipe), PiSA-SR default (semantic LoRA
-  fused), adjustable (0.8, 1.2), re-dial, OSEDiff (merged LoRA, cached prompt embedding), and the hook for the
-  multi-step methods (:data:`EXTRA_METHODS`).
+  fused), adjustable (0.8, 1.2), re-dial, OSEDiff (merged LoRA, cached prompt embedding), and through
+  :data:`EXTRA_METHODS` CCSR-v2 one-step / two-step and SeeSR-turbo (2 steps; tags and soft prompt given).
 * ``nan``: every method in fp16 and bf16 (and fp16 with an fp16 VAE, which can overflow) on a real photo, a
   flat grey image and a saturated one: NaN/Inf in the output?
 * ``toggles``: PiSA-SR default with each speed technique off in turn (each step's gain): the LoRA fused vs
@@ -18,9 +18,10 @@ it is measured (a run stopped by a timeout keeps what it printed; ``--json`` get
 * ``compile`` (not in the default list: it compiles for minutes): PiSA-SR default eager vs channels_last +
   torch.compile (``--compile-mode reduce-overhead``: CUDA graphs), the compile time printed.
 * ``batch``: images per second at batch sizes 1, 4, 16 (a list of images in one call) for PiSA-SR default and
-  adjustable, OSEDiff and the GAN models (random RRDBNet x4 = realesrgan-x4plus, SRVGG compact =
-  realesr-animevideov3-x4).
-* ``memory``: peak GPU memory and time of a 4096x4096 output (1024x1024 input; latent and VAE tiling).
+  adjustable, OSEDiff, the :data:`EXTRA_METHODS` (CCSR and SeeSR take a list one image at a time) and the GAN
+  models (random RRDBNet x4 = realesrgan-x4plus, SRVGG compact = realesr-animevideov3-x4).
+* ``memory``: peak GPU memory and time of a 4096x4096 output (1024x1024 input; latent and VAE tiling), with
+  only PiSA-SR's models resident.
 
 The closing summary checks the issue's targets: default <= 15 ms, adjustable <= 1.3x default, re-dial <= one
 VAE decode, 4096x4096 in <= 12 GB, and the batch throughput.
@@ -55,10 +56,10 @@ CLIP_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num
 TINY_CLIP = dict(CLIP_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  projection_dim=32)
 
-#: Hook for the methods whose branches merge later (CCSR, SeeSR): ``name -> builder(ctx, dtype_name)`` returning
-#: ``(pipeline, call_kwargs)``; each appears in the speed, nan and batch sections like the built-in methods.
-#: Add e.g. ``EXTRA_METHODS["ccsr"] = build_ccsr`` next to a ``build_ccsr`` that makes a full-size random
-#: CCSR pipeline (ControlNet + UNet + VAE from configs) the way :func:`build_pisa` does.
+#: More methods: ``name -> builder(ctx, dtype_name)`` returning ``(pipeline, call_kwargs)``; each appears in the
+#: speed, nan and batch sections like the built-in methods. CCSR (one-step, two-step) and SeeSR-turbo are
+#: registered below (:func:`build_ccsr`, :func:`build_seesr_turbo`); SeeSR's 50 steps with CFG and the tagger
+#: are measured by ``bench_multistep.py``.
 EXTRA_METHODS: dict = {}
 
 ROWS: list = []  # every measured row, for --json
@@ -167,7 +168,7 @@ class Ctx:
         self.args = args
         self.device = torch.device(args.device)
         self.tiny = args.model_size == "tiny"
-        self._pisa = self._ose = self._clip = None
+        self._pisa = self._ose = self._clip = self._ccsr = self._seesr = None
         self.embeds = torch.randn(1, 77, 32 if self.tiny else 1024, generator=torch.Generator().manual_seed(0))
 
     @contextmanager
@@ -283,6 +284,68 @@ def build_gan(ctx, which: str, dtype: str):
         spec = get_spec("realesr-animevideov3-x4")
     desc = spandrel.ModelLoader().load_from_state_dict(net.state_dict())
     return GANPipeline(spec, device=ctx.device, dtype=bo.DTYPES[dtype], descriptor=desc)
+
+
+def _ccsr_modules(ctx):
+    """A random SD-2.1-base-shaped UNet, CCSR ControlNet (``from_unet``, its zero convolutions filled) and VAE."""
+    if ctx._ccsr is None:
+        import torch
+
+        from realisr.arch.ccsr_controlnet_arch import CCSRControlNetModel
+
+        torch.manual_seed(3)
+        with ctx.on_device():
+            unet, vae = ctx.unet(), ctx.vae()
+            controlnet = CCSRControlNetModel.from_unet(unet).eval().requires_grad_(False)
+            for name, p in controlnet.named_parameters():  # zero at init: give the control path real values
+                if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                    p.data.normal_(0.0, 1e-3)
+        ctx._ccsr = (unet, controlnet, vae)
+    return ctx._ccsr
+
+
+def build_ccsr(ctx, dtype: str, preset: str = "one-step"):
+    """CCSR-v2 (``CCSRPipeline``) with random weights, at a preset (one-step: 1 evaluation; two-step: 2, the
+    second with CFG)."""
+    from realisr.pipelines.ccsr.pipeline_ccsr import CCSRPipeline
+    from realisr.registry import get_spec
+
+    unet, controlnet, vae = _ccsr_modules(ctx)
+    pipe = CCSRPipeline.from_components(get_spec("ccsr"), unet=unet, controlnet=controlnet, vae=vae,
+                                        text_encoder=bo._fixed_text_encoder(ctx.embeds), tokenizer=bo._FixedTokenizer(),
+                                        scheduler=bo._sd_scheduler(), device=ctx.device, dtype=bo.DTYPES[dtype])
+    return pipe, {"process_size": ctx.args.size, "preset": preset}
+
+
+def build_seesr_turbo(ctx, dtype: str):
+    """SeeSR on the SD-turbo UNet shape (2 steps, no CFG) with random weights; tags and soft prompt given (the
+    tagger is timed by ``bench_multistep.py`` / ``bench_tagger.py``)."""
+    import torch
+
+    from realisr.pipelines.seesr.pipeline_seesr import SeeSRPipeline
+    from realisr.registry import get_spec
+
+    if ctx._seesr is None:
+        from realisr.arch.seesr_arch import SeeSRControlNetModel, SeeSRUNet2DConditionModel
+
+        torch.manual_seed(4)
+        with ctx.on_device():
+            unet = SeeSRUNet2DConditionModel(**(TINY_UNET if ctx.tiny else bo.UNET_CONFIG)).eval()
+            controlnet = SeeSRControlNetModel.from_unet(unet).eval()
+            vae = ctx.vae()
+        for m in (unet, controlnet):
+            m.requires_grad_(False)
+        ctx._seesr = (unet, controlnet, vae, torch.randn(1, 145, 512, generator=torch.Generator().manual_seed(5)))
+    unet, controlnet, vae, soft = ctx._seesr
+    pipe = SeeSRPipeline(get_spec("seesr-turbo"), unet=unet, controlnet=controlnet, vae=vae,
+                         text_encoder=bo._fixed_text_encoder(ctx.embeds), tokenizer=bo._FixedTokenizer(),
+                         scheduler=bo._sd_scheduler(), tagger=False, device=ctx.device, dtype=bo.DTYPES[dtype])
+    return pipe, {"process_size": ctx.args.size, "tags": "a, b", "image_embeds": soft}
+
+
+EXTRA_METHODS["ccsr one-step"] = build_ccsr
+EXTRA_METHODS["ccsr two-step"] = lambda ctx, dtype: build_ccsr(ctx, dtype, "two-step")
+EXTRA_METHODS["seesr-turbo"] = build_seesr_turbo
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -559,6 +622,8 @@ def section_memory(ctx, dtypes):
     from PIL import Image
 
     img = np.asarray(Image.fromarray(small).resize((side // 4, side // 4), Image.BICUBIC))
+    ctx._ose = ctx._clip = ctx._ccsr = ctx._seesr = None  # the peak of one pipeline: the other models go first
+    _free(ctx)
     for i, dt in enumerate(dtypes):
         pipe = build_pisa(ctx, dt)
         rows = (("pisa default", {"default_mode": True}), ("pisa adjustable", {"lambda_pix": 0.8}))

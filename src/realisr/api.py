@@ -35,7 +35,8 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
 
     Args:
         model: a registry id (see ``realisr models``), ``"auto"``, or a path to a checkpoint (any
-            spandrel-supported ``.pth``/``.safetensors``, or an official ``.pkl`` of a diffusion method).
+            spandrel-supported ``.pth``/``.safetensors``, an official ``.pkl`` of a diffusion method, or a
+            CCSR release folder holding ``controlnet/`` and ``vae/``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: the best available).
         dtype: ``"auto"`` (fp32 on CPU, half precision on CUDA where safe), ``"fp32"``, ``"fp16"``, ``"bf16"``.
         **kwargs: passed to the pipeline's constructor (e.g. ``sd=`` for diffusion pipelines).
@@ -51,6 +52,11 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
     path = Path(model_id).expanduser()
     from .registry import REGISTRY
 
+    if model_id not in REGISTRY and path.is_dir() and (path / "controlnet").is_dir():
+        from .weights.ccsr import folder_version
+
+        spec = get_spec("ccsr-v1" if folder_version(path) == "v1" else "ccsr")  # a CCSR release folder
+        return spec.pipeline_class().from_spec(spec, device=device, dtype=dtype, weights=str(path), **kwargs)
     if model_id not in REGISTRY and path.suffix and path.exists():
         from .weights.official import is_official_safetensors
 

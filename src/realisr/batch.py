@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchItem", "BatchPlan", "BatchSettings", "BatchRunner", "BatchSummary", "ItemResult", "plan_items", "run_job",
-           "collect_inputs", "output_path", "output_target", "without_own_outputs", "parse_grid",
+           "collect_inputs", "output_path", "output_target", "without_own_outputs", "parse_grid", "ContactSheet",
            "accepted_call_args", "summarise", "SAMPLE_PREFIX"]
 
 SAMPLE_PREFIX = "sample:"
@@ -73,6 +73,9 @@ class BatchSettings:
         quality: JPEG/WebP quality (``None``: the writer's default).
         overwrite: redo existing outputs.
         max_pixels: decompression-bomb limit (``None``: the reader's default).
+        recipe: a recipe to replay (:meth:`realisr.recipe.Recipe.to_json`, e.g. of ``realisr upscale
+            --recipe``): its arguments replace ``call_args``, its ``outscale``/``tile``/``tile_pad`` and painted
+            maps apply per image, and its seed seeds each image's generator.
     """
 
     model: str
@@ -89,6 +92,7 @@ class BatchSettings:
     quality: Optional[int] = None
     overwrite: bool = False
     max_pixels: Optional[int] = None
+    recipe: Optional[dict] = None
 
     def __post_init__(self):
         if self.outscale is not None:
@@ -354,27 +358,43 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
-def _render_grid(cells: dict, pix: list[float], sem: list[float]):
-    """A labelled contact sheet: rows = lambda_pix, columns = lambda_sem."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+class ContactSheet:
+    """A labelled contact sheet of a dial grid (rows = lambda_pix, columns = lambda_sem), built cell by cell.
 
-    first = next(iter(cells.values()))
-    h, w = first.shape[:2]
-    thumb_w = min(w, 384)
-    thumb_h = max(1, round(h * thumb_w / w))
+    Only a thumbnail (at most ``thumb_width`` pixels wide) of each cell is kept, so a grid of full-size
+    renders never sits in memory at once: each cell is written to its own file as it comes and dropped.
+    """
+
     label = 18
-    sheet = Image.new("RGB", (len(sem) * thumb_w, len(pix) * (thumb_h + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, lp in enumerate(pix):
-        for c, ls in enumerate(sem):
-            arr = np.clip(np.rint(cells[(lp, ls)] * 255), 0, 255).astype(np.uint8)
-            tile = Image.fromarray(arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]).convert("RGB")
-            tile = tile.resize((thumb_w, thumb_h), Image.LANCZOS)
-            y = r * (thumb_h + label)
-            sheet.paste(tile, (c * thumb_w, y + label))
-            draw.text((c * thumb_w + 4, y + 3), f"pix {_fmt(lp)}  sem {_fmt(ls)}", fill="black")
-    return sheet
+
+    def __init__(self, pix: list[float], sem: list[float], thumb_width: int = 384):
+        self.pix, self.sem, self.thumb_width = list(pix), list(sem), thumb_width
+        self.thumbs: dict = {}
+
+    def add(self, lambda_pix: float, lambda_sem: float, pixels) -> None:
+        """Keep the thumbnail of one cell (``pixels``: float ``[H, W, C]`` in ``[0, 1]``)."""
+        import numpy as np
+        from PIL import Image
+
+        arr = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+        tile = Image.fromarray(arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]).convert("RGB")
+        h, w = arr.shape[:2]
+        tw = min(w, self.thumb_width)
+        self.thumbs[(lambda_pix, lambda_sem)] = tile.resize((tw, max(1, round(h * tw / w))), Image.LANCZOS)
+
+    def render(self):
+        """The sheet as a PIL RGB image."""
+        from PIL import Image, ImageDraw
+
+        tw, th = next(iter(self.thumbs.values())).size
+        sheet = Image.new("RGB", (len(self.sem) * tw, len(self.pix) * (th + self.label)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for r, lp in enumerate(self.pix):
+            for c, ls in enumerate(self.sem):
+                y = r * (th + self.label)
+                sheet.paste(self.thumbs[(lp, ls)], (c * tw, y + self.label))
+                draw.text((c * tw + 4, y + 3), f"pix {_fmt(lp)}  sem {_fmt(ls)}", fill="black")
+        return sheet
 
 
 def grid_sheet_path(dst) -> Path:
@@ -409,6 +429,11 @@ class BatchRunner:
         self.pipe = pipeline
         self.worker = worker
         self.call: Optional[dict] = None
+        self.recipe = None
+        if settings.recipe is not None:
+            from .recipe import Recipe
+
+            self.recipe = Recipe.from_json(settings.recipe)
         if pipeline is not None:
             self._prepare_call()
 
@@ -439,7 +464,9 @@ class BatchRunner:
         call = dict(s.call_args)
         accepted = accepted_call_args(pipe)
         if s.seed is not None and "sample_posterior" in accepted:
-            call["sample_posterior"] = True
+            call["sample_posterior"] = True  # PiSA-SR / OSEDiff: the seed samples the VAE posterior
+        if self.recipe is not None:  # its own arguments (the CLI refuses settings flags beside --recipe)
+            call = {k: v for k, v in self.recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
         bad = sorted(k for k in call if k not in accepted)
         if bad:
             raise RealisrError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} not supported by model "
@@ -448,7 +475,8 @@ class BatchRunner:
             raise RealisrError(f"--lambda-grid needs a model with the PiSA-SR dials (-m pisa-sr), not {pipe.spec.id}")
         if s.grid:
             call["keep_predictions"] = True
-        elif hasattr(pipe, "fuse_lora") and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem")):
+        elif (hasattr(pipe, "fuse_lora") and call.get("default_mode") is not False
+              and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem"))):
             pipe.fuse_lora()  # every call is PiSA-SR's default mode: one plain UNet pass, the semantic LoRA merged
         self.call = call
 
@@ -507,6 +535,10 @@ class BatchRunner:
     def call_arguments(self, data) -> tuple[dict, dict]:
         """``(shared call arguments, method arguments)`` for one decoded image (one place to change both)."""
         s = self.settings
+        if self.recipe is not None:
+            base, call = self.recipe.split_call((data.height, data.width) if self.recipe.maps else None)
+            base["generator"] = self.recipe.generator()  # per image, as the app seeds each run
+            return base, call
         generator = None
         if s.seed is not None:
             import torch
@@ -531,15 +563,16 @@ class BatchRunner:
         if s.grid:
             pix, sem = s.grid
             state = out.extras["redial_state"]
-            cells = {}
+            del out
+            sheet = ContactSheet(pix, sem)
             for lp in pix:
                 for ls in sem:
                     o = pipe.redial(state, lambda_pix=lp, lambda_sem=ls, outscale=s.outscale)
-                    cells[(lp, ls)] = o.image.pixels
                     cell_path = dst.with_name(f"{dst.stem}_pix{_fmt(lp)}_sem{_fmt(ls)}{dst.suffix}")
                     write_image(cell_path, o.image, overwrite=True, **write_kw)
-            sheet = _render_grid(cells, pix, sem)
-            arr = np.asarray(sheet, dtype=np.float32) / 255.0
+                    sheet.add(lp, ls, o.image.pixels)  # a thumbnail; the full-size cell is dropped
+                    del o
+            arr = np.asarray(sheet.render(), dtype=np.float32) / 255.0
             write_image(grid_sheet_path(dst), ImageData(pixels=arr), overwrite=True)
         else:
             write_image(dst, out.image, overwrite=s.overwrite, **write_kw)

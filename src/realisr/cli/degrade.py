@@ -52,22 +52,9 @@ def _read_rgb(path: Path):
     import numpy as np
     import torch
 
-    try:
-        from realisr.io.image_io import read_image
-    except ImportError:  # the shared reader is not available: plain Pillow
-        read_image = None
-    if read_image is not None:
-        px = np.asarray(read_image(path).pixels, dtype=np.float32)
-    else:
-        from PIL import Image, ImageOps
+    from realisr.io.image_io import read_image
 
-        from realisr.errors import InputImageError
-
-        try:
-            with Image.open(path) as im:
-                px = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32) / 255.0
-        except OSError as e:
-            raise InputImageError(f"cannot read {path}: {e}") from None
+    px = np.asarray(read_image(path).pixels, dtype=np.float32)
     if px.ndim == 2:
         px = px[..., None]
     if px.shape[2] == 1:
@@ -82,23 +69,10 @@ def _to_uint8(x):
 
 
 def _write_png(path: Path, arr, overwrite: bool) -> None:
-    from realisr.errors import OutputExistsError
+    from realisr.io import ImageData
+    from realisr.io.image_io import write_image
 
-    try:
-        from realisr.io import ImageData
-        from realisr.io.image_io import write_image
-    except ImportError:
-        write_image = None
-    if write_image is not None:
-        write_image(path, ImageData(pixels=arr.astype("float32") / 255.0), overwrite=overwrite, fmt="png")
-        return
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    from PIL import Image
-
-    tmp = path.with_name(path.name + ".part")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_image(path, ImageData(pixels=arr.astype("float32") / 255.0), overwrite=overwrite, fmt="png")
 
 
 def _cell(img, size: int, nearest: bool):

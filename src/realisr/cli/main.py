@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "degrade": ("realisr.cli.degrade", "make LQ images from HQ images with the Real-ESRGAN degradation"),
     "train": ("realisr.cli.train", "train from a YAML recipe (run under `accelerate launch` for many GPUs)"),
     "tag": ("realisr.cli.tag", "print the RAM / DAPE tags of images (the prompt of OSEDiff and SeeSR)"),
+    "serve": ("realisr.cli.serve", "web app with live dials (Gradio; realisr[ui])"),
+    "study": ("realisr.cli.study", "blind pairwise user studies: create, serve, results (Bradley-Terry)"),
 }
 
 

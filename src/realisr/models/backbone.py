@@ -41,13 +41,11 @@ def hf_download_command(repo_id: str = SD21_BASE) -> str:
     return f"hf download {repo_id} --include {include} --exclude \"*.bin\" \"*.ckpt\""
 
 
-def _howto(repo_id: str = SD21_BASE) -> str:
+def _howto(repo_id: str = SD21_BASE, env: str = SD_ENV) -> str:
     fetch = "`realisr weights fetch sd-2.1-base`" if repo_id == SD21_BASE else f"`{hf_download_command(repo_id)}`"
     return (f"get it with {fetch} (or `{hf_download_command(repo_id)}`), or pass --sd PATH to a local "
-            f"diffusers folder (or set {SD_ENV}); see docs/weights.md")
+            f"diffusers folder (or set {env}); see docs/weights.md")
 
-
-_HOWTO = _howto()
 
 
 @dataclass
@@ -80,44 +78,49 @@ def missing_components(folder, components: Sequence[str] = COMPONENTS) -> list[s
     return missing
 
 
-def resolve_sd(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS) -> tuple[Optional[Path], str]:
+def resolve_sd(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS, *, default_id: str = SD21_BASE,
+               env: str = SD_ENV) -> tuple[Optional[Path], str]:
     """Find the backbone locally. Returns ``(folder or None, hub id or description)`` without network access.
 
     ``(folder, source)`` when a complete local folder was found; ``(None, hub_id)`` when only a hub id is known.
+    ``default_id`` / ``env``: the hub id and environment variable of the backbone (SD-2.1-base and
+    ``REALISR_SD`` by default; SeeSR uses SD-2-base and ``REALISR_SD2``).
 
     Raises:
         WeightsNotFoundError: an explicit local folder (argument or env) lacks components.
     """
     from ..weights.cache import find_hf_snapshot
 
-    explicit = sd or os.environ.get(SD_ENV)
-    origin = "--sd" if sd else SD_ENV
+    howto = _howto(default_id, env)
+    explicit = sd or os.environ.get(env)
+    origin = "--sd" if sd else env
     if explicit:
         p = Path(str(explicit)).expanduser()
         # a hub id is "org/name"; anything else (or an existing path) is a folder
         looks_local = p.exists() or str(explicit).startswith((".", "/", "~")) or str(explicit).count("/") != 1
         if looks_local:
             if not p.is_dir():
-                raise WeightsNotFoundError(f"SD backbone folder {p} ({origin}) does not exist: {_HOWTO}")
+                raise WeightsNotFoundError(f"SD backbone folder {p} ({origin}) does not exist: {howto}")
             missing = missing_components(p, components)
             if missing:
                 raise WeightsNotFoundError(
-                    f"SD backbone folder {p} ({origin}) is missing {', '.join(missing)}: {_HOWTO}")
+                    f"SD backbone folder {p} ({origin}) is missing {', '.join(missing)}: {howto}")
             return p, str(p)
         snap = find_hf_snapshot(str(explicit))
         if snap is not None and not missing_components(snap, components):
             return snap, f"{explicit} (HF cache)"
         return None, str(explicit)
-    snap = find_hf_snapshot(SD21_BASE)
+    snap = find_hf_snapshot(default_id)
     if snap is not None and not missing_components(snap, components):
-        return snap, f"{SD21_BASE} (HF cache)"
-    return None, SD21_BASE
+        return snap, f"{default_id} (HF cache)"
+    return None, default_id
 
 
-def backbone_status(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS) -> tuple[bool, str]:
-    """``(available locally, detail)`` without network access."""
+def backbone_status(sd: Optional[str] = None, components: Sequence[str] = COMPONENTS, *,
+                    default_id: str = SD21_BASE, env: str = SD_ENV) -> tuple[bool, str]:
+    """``(available locally, detail)`` without network access (``default_id``/``env``: see :func:`resolve_sd`)."""
     try:
-        folder, source = resolve_sd(sd, components)
+        folder, source = resolve_sd(sd, components, default_id=default_id, env=env)
     except WeightsNotFoundError as e:
         return False, str(e)
     if folder is not None:
@@ -127,9 +130,9 @@ def backbone_status(sd: Optional[str] = None, components: Sequence[str] = COMPON
     snap = find_hf_snapshot(source)
     if snap is not None:
         missing = missing_components(snap, components)
-        return False, f"SD backbone {source} in the HF cache is missing {', '.join(missing)}: {_howto(source)}"
+        return False, f"SD backbone {source} in the HF cache is missing {', '.join(missing)}: {_howto(source, env)}"
     return False, (f"SD backbone {source} ({', '.join(c + '/' for c in components)}) not found locally "
-                   f"(HF cache or {SD_ENV}): {_howto(source)}")
+                   f"(HF cache or {env}): {_howto(source, env)}")
 
 
 def _has_safetensors(folder: Path, sub: str) -> bool:
@@ -138,7 +141,7 @@ def _has_safetensors(folder: Path, sub: str) -> bool:
 
 
 def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPONENTS, device=None,
-                  dtype=None, vae_dtype=None) -> Backbone:
+                  dtype=None, vae_dtype=None, default_id: str = SD21_BASE, env: str = SD_ENV) -> Backbone:
     """Load SD-2.1-base components with diffusers/transformers from a local folder (never the network).
 
     Args:
@@ -147,6 +150,7 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
         components: which parts to load.
         device, dtype: where the UNet and text encoder go (default CPU, float32).
         vae_dtype: the VAE's dtype (default ``dtype``).
+        default_id, env: the backbone's hub id and environment variable (see :func:`resolve_sd`).
 
     Returns:
         :class:`Backbone` (models in eval mode, ``requires_grad=False``).
@@ -157,9 +161,9 @@ def load_backbone(sd: Optional[str] = None, *, components: Sequence[str] = COMPO
     """
     import torch
 
-    folder, source = resolve_sd(sd, components)
+    folder, source = resolve_sd(sd, components, default_id=default_id, env=env)
     if folder is None:
-        ok, detail = backbone_status(sd, components)
+        ok, detail = backbone_status(sd, components, default_id=default_id, env=env)
         raise WeightsNotFoundError(detail)
     where = str(folder)
     dtype = dtype or torch.float32

@@ -272,15 +272,15 @@ class SRPipeline:
                 gen = [gens[i] for i in idx] if gens is not None else generator
                 if gens is not None and len(idx) == 1:
                     gen = gen[0]
-                for i, o in zip(idx, self._run([datas[i] for i in idx], outscale, tile, tile_pad, callback, gen,
-                                               kwargs)):
+                for i, o in zip(idx, self._run_batch([datas[i] for i in idx], outscale, tile, tile_pad, callback,
+                                                     gen, kwargs)):
                     outs[i] = o
             return outs
         data = to_image_data(image)
         self.check_inputs(data, outscale, tile, tile_pad, **kwargs)
-        return self._run([data], outscale, tile, tile_pad, callback, generator, kwargs)[0]
+        return self._run_batch([data], outscale, tile, tile_pad, callback, generator, kwargs)[0]
 
-    def _run(self, datas: list, outscale, tile, tile_pad, callback, generator, kwargs) -> list:
+    def _run_batch(self, datas: list, outscale, tile, tile_pad, callback, generator, kwargs) -> list:
         """One ``_upscale_rgb`` call on same-size images (checked already), then each image's own finish."""
         import torch
 
@@ -307,10 +307,10 @@ class SRPipeline:
                 info["batch"] = len(datas)
             info.update(info_common)
             info.update(own.pop("info", {}))
-            outs.append(self._finish(data, y[i:i + 1], greys[i], outscale, info, own))
+            outs.append(self._finish_image(data, y[i:i + 1], greys[i], outscale, info, own))
         return outs
 
-    def _finish(self, data: ImageData, y, grey: bool, outscale, info: dict, extras: dict) -> SROutput:
+    def _finish_image(self, data: ImageData, y, grey: bool, outscale, info: dict, extras: dict) -> SROutput:
         """The output of one image: ``outscale``, grey, alpha, metadata."""
         import torch
 
@@ -327,6 +327,12 @@ class SRPipeline:
             alpha = resize_float(a, target)[0, 0].numpy()
         out = data.with_pixels(y[0].permute(1, 2, 0).contiguous().numpy(), alpha)
         return SROutput(image=out, scale=target[1] / data.width, info=info, extras=extras)
+
+    @classmethod
+    def is_stochastic(cls, spec: ModelSpec, **call_kwargs) -> bool:
+        """Whether a call with these arguments samples (its output depends on ``generator``): the registry
+        entry's ``options["stochastic"]``; pipelines with optional sampling extend this."""
+        return bool(spec.options.get("stochastic", False))
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, device=None, dtype=None, **kwargs) -> "SRPipeline":

@@ -195,7 +195,7 @@ class DAPETrainer(BaseTrainer):
 
         return dape_state_dict(self.accelerator.unwrap_model(self.student))
 
-    def write_official_files(self, folder: Path) -> None:
+    def write_official(self, folder: Path) -> None:
         """``DAPE.pth``: the official layout (a flat dict of the student's ``lora_`` tensors)."""
         torch.save(self.official_checkpoint(), folder / f"{self.checkpoint_name}.pth")
 

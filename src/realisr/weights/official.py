@@ -1,8 +1,8 @@
 """The official checkpoints of the one-step diffusion methods: ``pisa_sr.pkl`` (csslc/PiSA-SR) and
 ``osediff.pkl`` (cswry/OSEDiff).
 
-Both are ``torch.save`` dicts of module lists, ranks and LoRA state dicts (see
-``docs/reference/pisa-sr-and-osediff.md`` section 4). They are read with ``torch.load(weights_only=True)``
+Both are ``torch.save`` dicts of module lists, ranks and LoRA state dicts (see ``docs/pisa-sr-osediff.md``,
+"LoRA modules and checkpoint files"). They are read with ``torch.load(weights_only=True)``
 only, so a file can never run code, and validated before use: missing keys, bad ranks, LoRA keys that do not
 belong to the listed adapters and shapes that do not fit the backbone all raise
 :class:`~realisr.errors.CheckpointError` with a one-line message.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from ...dials import Dial, ModelDials
 from ...progress import report
 from ...registry import ModelSpec, WeightSource
 from ...tiling import auto_tile_size, balanced_tile, run_with_oom_retry, tiled_forward
@@ -47,9 +48,6 @@ class GANPipeline(SRPipeline):
         descriptor: a spandrel ``ImageModelDescriptor`` (loaded from ``spec`` when ``None``).
         channels_last: run the spandrel model in channels-last memory format (faster on CPU and tensor cores;
             see benchmarks/bench_gan.py). Default: on.
-        winograd: on CPU in fp32, run RRDBNet (ESRGAN/Real-ESRGAN/RealSR x4) with the Winograd forward of
-            :mod:`.winograd` (same result to ~1e-5). Off by default: on a 2-core AVX2 CPU it measured about
-            as fast as the channels-last model (faster at 128 px, slower at 256 px) with twice the working memory.
         compile: wrap the model in ``torch.compile`` (inductor, frozen weights). Off by default: compiling
             RRDBNet takes minutes on CPU for a gain of ~15%.
         num_threads: CPU threads for this pipeline's forward (``torch.set_num_threads`` during the call,
@@ -61,7 +59,7 @@ class GANPipeline(SRPipeline):
     supports_batch = True  # the network takes [N, 3, H, W]; tiles cut all images of a batch alike
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
-                 channels_last: bool = True, winograd: bool = False, compile: bool = False,
+                 channels_last: bool = True, compile: bool = False,
                  num_threads: Optional[int] = None):
         super().__init__(spec, device=device, dtype=dtype)
         import torch
@@ -78,17 +76,7 @@ class GANPipeline(SRPipeline):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._fast = None
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if winograd:
-            if not cpu_fp32 or compile:
-                raise ValueError("winograd=True needs device='cpu', dtype fp32 and compile=False")
-            from .winograd import winograd_rrdbnet
-
-            self._fast = winograd_rrdbnet(descriptor)
-            if self._fast is None:
-                raise ValueError(f"winograd=True: no Winograd forward for {spec.arch or 'this architecture'}")
-        self._call = self._fast or self.model
+        self._call = self.model
         if compile:
             self._call = torch.compile(self.model, options={"freezing": True})
         self.size_multiple = max(1, int(getattr(descriptor.size_requirements, "multiple_of", 1) or 1),
@@ -123,11 +111,19 @@ class GANPipeline(SRPipeline):
                 cb(i + 1, len(self._blocks))
         return hook
 
+    # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
+    # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
+    dials = ModelDials(dials=(
+        Dial("fidelity", "Fidelity (0 = released GAN, 1 = L1-tuned)", "float", default=0.0, minimum=0.0,
+             maximum=1.0, step=0.05, spatial=True, requires=("fidelity_delta",),
+             help="weight-space interpolation towards fidelity; fewer GAN artefacts, less invented detail"),
+    ), seconds_per_mp={"cpu": 29.0, "cuda": 0.3}, bytes_per_out_pixel=1500.0, model_bytes=7e7)
+
     def _forward(self, x):
         import torch
         import torch.nn.functional as F
 
-        if self.channels_last and self._fast is None:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self._call(x)
         if self.network_scale != self.scale:
@@ -135,8 +131,7 @@ class GANPipeline(SRPipeline):
             y = F.interpolate(y, size=size, mode="bicubic", align_corners=False)
         return y
 
-    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
-                     **kwargs):
+    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras):
         import torch
 
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
@@ -166,5 +161,5 @@ class GANPipeline(SRPipeline):
         finally:
             torch.set_num_threads(threads)
             self._block_callback = None
-        extras["info"] = {"tile": used, "tile_pad": pad, "winograd": self._fast is not None}
+        extras["info"] = {"tile": used, "tile_pad": pad}
         return y.clamp(0.0, 1.0)  # out of place: y may be an inference-mode tensor

@@ -15,7 +15,7 @@ class InterpolationPipeline(SRPipeline):
 
     supports_batch = True
 
-    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, **kwargs):
+    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras):
         import torch
         from PIL import Image
 

@@ -1,6 +1,6 @@
 """OSEDiff (Wu et al., NeurIPS 2024): one-step SD-2.1 super-resolution at ``t = 999``.
 
-What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` sections 1.2, 3.1):
+What the official code computes (``docs/pisa-sr-osediff.md``):
 
 * ``z_L = VAE_enc_LoRA(lq) * 0.18215`` (the VAE encoder carries a LoRA, the decoder does not);
 * ``eps = UNet_LoRA(z_L, t=999, prompt)`` (UNet LoRA plus a fine-tuned ``conv_in``);
@@ -17,9 +17,10 @@ callable ``image -> str`` receiving the processed LQ (it replaces the tagger); :
 tagger (``image -> "tag1, tag2"``) into the official format.
 
 Deviations (see :mod:`realisr.pipelines.diffusion_common`): posterior mode instead of a sample (seeded
-sampling available), the output is always 4x the input (the official script drops its resize-back), and the
-LoRAs are merged by default (``merge_lora=False`` keeps them separate, the official script's default; both
-agree to float precision).
+sampling available), the output is always 4x the input and colour-fixed in float (the official script
+quantises by truncation, colour-fixes in 8 bits and drops its resize-back; ``compat="official"`` reproduces
+that, see ``docs/pisa-sr-osediff.md``), and the LoRAs are merged by default (``merge_lora=False`` keeps them
+separate, the official script's default; both agree to float precision).
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import logging
 from collections import OrderedDict
 from typing import Callable, Optional, Union
 
+from ...dials import POSTERIOR_SEED, Dial, ModelDials
 from ..base import SRPipeline
-from ..diffusion_common import OneStepDiffusionPipeline, latent_tile_plan, move_module, tiled_latent_predict
+from ..diffusion_common import (COMMON_ARGS, OneStepDiffusionPipeline, latent_tile_plan, move_module,
+                               tiled_latent_predict)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OSEDiffPipeline", "TagPrompt", "official_prompt", "resolve_tagger"]
 
-_ARGS = ("prompt", "tags", "color_fix", "process_size", "resize_mode", "latent_tile", "latent_overlap", "vae_tile",
-         "sample_posterior")
+_ARGS = COMMON_ARGS + ("prompt", "tags")
 PromptSource = Union[str, Callable[..., str]]
 
 
@@ -94,11 +96,23 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
     """OSEDiff. Build with :meth:`from_spec` (``realisr.load_pipeline("osediff")``).
 
     Call: ``pipe(image, prompt="", tags=True, color_fix="adain", process_size=512, resize_mode="official",
-    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, ...)``.
+    latent_tile=96, latent_overlap=32, vae_tile=None, sample_posterior=False, compat="default", ...)``.
     """
 
     flavor = "osediff"
+    supports_batch = True  # same-size images share the VAE and UNet calls (one by one when the VAE tiles)
     timestep = 999
+    # What `realisr serve` shows (every change is a full run: the prompt reaches the UNet).
+    dials = ModelDials(
+        dials=(
+            Dial("prompt", "Prompt", "text", default="", help="text added after the tags"),
+            Dial("tags", "Tags (RAM / DAPE) before the prompt", "bool", default=True,
+                 help="the official prompt: the tagger's tags, then yours (when the tagger files are here)"),
+            Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
+                 advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+            POSTERIOR_SEED,
+        ),
+        grid="latent", seconds_per_mp={"cpu": 300.0, "cuda": 2.0}, bytes_per_out_pixel=2300.0, model_bytes=5.2e9)
 
     def __init__(self, spec, *, unet, vae, text_encoder, tokenizer, scheduler, device=None, dtype=None,
                  tagger=None):
@@ -224,17 +238,17 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, prompt: PromptSource = "",
                      tags: bool = True, color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
-                     latent_overlap=None, vae_tile=None, sample_posterior=False):
+                     latent_overlap=None, vae_tile=None, sample_posterior=False, compat="default"):
         color_fix = color_fix or self.spec.color_fix
         if x.shape[0] > 1 and self._vae_tiled(x, process_size, resize_mode, vae_tile):
             return self._one_by_one(x, extras, generator, tile=tile, tile_pad=tile_pad, callback=callback,
                                     prompt=prompt, tags=tags, color_fix=color_fix, process_size=process_size,
                                     resize_mode=resize_mode, latent_tile=latent_tile, latent_overlap=latent_overlap,
-                                    vae_tile=vae_tile, sample_posterior=sample_posterior)
+                                    vae_tile=vae_tile, sample_posterior=sample_posterior, compat=compat)
         import torch
 
         lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
-        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
+        pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode, compat=compat)
         ch, cw = pre.content_size  # the tagger sees the processed LQ without any padding (resize_mode="pad")
         prompts = [self.resolve_prompt(prompt, pre.image[i:i + 1, :, :ch, :cw], tags) for i in range(x.shape[0])]
         embs = [self.prompt_embeds(text) for text, _ in prompts]  # cached: the text encoder runs once per prompt
@@ -244,8 +258,9 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         eps = self.predict(z_l, emb, latent_tile=lt, latent_overlap=lo, callback=callback)
         z_h = self.step(z_l, eps)
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
-        out = self.finish(y, pre, color_fix)
+        out = self.finish(y, pre, color_fix, compat)
         extras["info"] = {"color_fix": color_fix, "processed_size": pre.size, "resize_flag": pre.resize_flag,
+                          "compat": compat,
                           "latent_tiles": latent_tile_plan(z_l.shape[-2], z_l.shape[-1], lt, lo)}
         per = [{"info": {"prompt": text, "tags": tag_string}} for text, tag_string in prompts]
         if len(per) == 1:
