@@ -127,3 +127,50 @@ def test_processing_on_the_device_matches_the_host_path(crops, photo):
             pipe(a, process_size=64)
     finally:
         pipe.processing = "auto"
+
+
+@pytest.mark.parametrize("method", ["pisa", "osediff"])
+def test_compat_official_takes_the_pillow_path_also_when_processing_is_on_the_device(crops, method):
+    """compat="official" reproduces the official scripts' 8-bit Pillow path: with ``processing="device"`` the
+    output is the host path's, bit for bit; in a batch each image gets the official finishing (k/255 values,
+    the official output size) and the redial states keep compat."""
+    pipe = onestep.pisa_pipeline() if method == "pisa" else onestep.osediff_pipeline()
+    a, b, c = crops
+    kw = {"process_size": 128, "compat": "official"}  # 20x30 < 128/4: resized up (resize_flag), PiSA-SR back
+    if method == "pisa":
+        kw.update(lambda_pix=0.5, keep_predictions=True)
+    try:
+        pipe.processing = "host"
+        host = pipe(c, **kw)
+        pipe.processing = "device"
+        dev = pipe(c, **kw)
+        assert np.array_equal(dev.pixels, host.pixels)
+        assert dev.info["compat"] == "official"
+        batch = pipe([a, b], **kw)
+    finally:
+        pipe.processing = "auto"
+    singles = [pipe(x, **kw) for x in (a, b)]
+    for o, r in zip(batch, singles):
+        assert o.info["compat"] == "official" and o.info.get("batch") == 2
+        assert o.pixels.shape == r.pixels.shape
+        levels = o.pixels * 255
+        assert float(np.abs(levels - np.rint(levels)).max()) < 1e-3  # exact 8-bit values
+        # batched convolutions round differently (float32); the two 8-bit truncations of the official path (the
+        # decoder output, then the colour-fixed image) can turn that into a level each, at a few values
+        diff = np.abs(o.pixels - r.pixels) * 255
+        assert float(diff.max()) <= 2 + 1e-3 and float((diff > 1e-3).mean()) < 0.01
+    if method == "pisa":
+        assert all(o.extras["redial_state"].compat == "official" for o in batch + [host])
+
+
+def test_ccsr_takes_a_list_one_image_at_a_time(crops):
+    """CCSR's sampler draws per image: a list runs image by image, each exactly as alone (its own generator)."""
+    from helpers import ccsr
+
+    pipe = ccsr.pipeline()
+    assert pipe.supports_batch is False
+    a, b, _ = crops
+    outs = pipe([a, b], process_size=64, generator=[torch.Generator().manual_seed(s) for s in (3, 4)])
+    refs = [pipe(x, process_size=64, generator=torch.Generator().manual_seed(s)) for x, s in ((a, 3), (b, 4))]
+    assert all(np.array_equal(o.pixels, r.pixels) for o, r in zip(outs, refs))
+    assert "batch" not in outs[0].info

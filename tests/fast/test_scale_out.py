@@ -210,6 +210,29 @@ def test_an_output_written_but_not_journaled_counts_and_partial_files_go(tmp_pat
     assert not (out / ".realisr-journal").exists()
 
 
+def test_a_recipe_replays_through_the_batch_runner_as_through_the_cli(mixed, tmp_path):
+    """`realisr upscale --recipe` and a job whose settings carry the recipe (pickled, as Ray actors get them)
+    write the same bytes: the recipe's model, outscale and format; its settings are part of the job's key."""
+    import pickle
+
+    from realisr.batch import BatchSettings, plan_items, run_job
+    from realisr.recipe import Recipe
+
+    recipe = Recipe(model="lanczos", args={"outscale": 3}, ext="png")
+    path = recipe.save(tmp_path / "r.json")
+    src = [str(mixed / n) for n in ("img0.png", "rgba.png", "exif.jpg")]
+    assert main(["-q", "upscale", "--recipe", str(path), "-i", *src, "-o", str(tmp_path / "cli")]) == 0
+    settings = pickle.loads(pickle.dumps(BatchSettings(model="lanczos", fmt="png", recipe=recipe.to_json())))
+    plan = plan_items(src, str(tmp_path / "lib"), ext="png")
+    summary = run_job(plan.items, settings, plan.out_root)
+    assert summary.ok and summary.counts["written"] == 3
+    cli, lib = _outputs(tmp_path / "cli"), _outputs(tmp_path / "lib")
+    assert sorted(cli) == ["exif_out.png", "img0_out.png", "rgba_out.png"] and cli == lib
+    assert Image.open(tmp_path / "lib" / "img0_out.png").size == (48, 36)  # 16x12 at the recipe's x3
+    plain = BatchSettings(model="lanczos", fmt="png")
+    assert settings.job_key_fields() != plain.job_key_fields()
+
+
 def test_import_realisr_imports_neither_ray_nor_torch():
     code = ("import sys, realisr, realisr.batch, realisr.distributed, realisr.cli.upscale; "
             "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
