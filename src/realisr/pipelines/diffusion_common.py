@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESIZE_MODES",
+    "PROCESSING_MODES",
     "COMPAT_MODES",
     "COMMON_ARGS",
     "resolve_latent_tiling",
@@ -60,6 +61,8 @@ __all__ = [
     "official_sizes",
     "pil_resize",
     "finish_output",
+    "preprocess_on_device",
+    "finish_output_on_device",
     "finish_output_official",
     "latent_tile_plan",
     "gaussian_tile_weights",
@@ -77,6 +80,7 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("official", "pad")
+PROCESSING_MODES = ("auto", "host", "device")
 #: ``compat`` values shared by the diffusion pipelines: ``"default"`` (realisr's fixes) or ``"official"`` (the
 #: official scripts' behaviour, their bugs included; documented per method in ``docs/``).
 COMPAT_MODES = ("default", "official")
@@ -137,13 +141,16 @@ def _is_8bit(x) -> bool:
 
 
 def pil_resize(x, size_wh: tuple[int, int], resample, *, exact_8bit: bool):
-    """Resize ``[1, 3, H, W]`` float ``[0, 1]`` with Pillow: through uint8 RGB (``exact_8bit``, as the official
-    scripts) or per float plane. Returns float32 ``[1, 3, h, w]`` in ``[0, 1]``."""
+    """Resize ``[N, 3, H, W]`` float ``[0, 1]`` with Pillow: through uint8 RGB (``exact_8bit``, as the official
+    scripts) or per float plane. Returns float32 ``[N, 3, h, w]`` in ``[0, 1]``."""
     import torch
     from PIL import Image
 
     if tuple(size_wh) == (x.shape[-1], x.shape[-2]):
         return x
+    if x.shape[0] > 1:  # Pillow resizes one image at a time
+        return torch.cat([pil_resize(x[i:i + 1], size_wh, resample, exact_8bit=exact_8bit)
+                          for i in range(x.shape[0])])
     if exact_8bit:
         arr = np.rint(x[0].permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
         out = np.asarray(Image.fromarray(arr, "RGB").resize(tuple(size_wh), resample))
@@ -158,7 +165,7 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
     """Pre-process an LQ image as the official scripts do (see the module docstring).
 
     Args:
-        x: ``[1, 3, h, w]`` float32 CPU tensor in ``[0, 1]``.
+        x: ``[N, 3, h, w]`` float32 CPU tensor in ``[0, 1]``.
         scale: the upscaling factor (4 for the released models).
         process_size: the official ``--process_size`` (512).
         mode: ``"official"`` or ``"pad"``.
@@ -175,6 +182,15 @@ def preprocess(x, *, scale: int = 4, process_size: int = 512, mode: str = "offic
 
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if x.shape[0] > 1:  # a batch of same-size images: each as it would be alone
+        import dataclasses
+
+        import torch
+
+        pres = [preprocess(x[i:i + 1], scale=scale, process_size=process_size, mode=mode,
+                           multiple_filter=multiple_filter, force_8bit=force_8bit) for i in range(x.shape[0])]
+        return dataclasses.replace(pres[0], image=torch.cat([p.image for p in pres]),
+                                   exact_8bit=all(p.exact_8bit for p in pres))
     h, w = x.shape[-2:]
     exact = _is_8bit(x)
     if force_8bit and not exact:
@@ -226,6 +242,62 @@ def finish_output(y, pre: Preprocessed, color_fix: str = "adain"):
     return y.contiguous()
 
 
+def preprocess_on_device(x, *, scale: int = 4, process_size: int = 512, mode: str = "official",
+                         device=None) -> Preprocessed:
+    """:func:`preprocess` on ``device`` (the default mode's path on a GPU): the same geometry and Pillow's
+    filters as matrices (:func:`realisr.resample.pil_resize_tensor`), with 8-bit inputs rounded to 8-bit levels
+    after each pass as Pillow's uint8 path does. Equal to :func:`preprocess` within one 8-bit level (at a few
+    values in ten thousand where Pillow's fixed-point weights round the other way), 16-bit and float inputs to
+    float32 rounding. Only the small LQ image is copied to the device.
+
+    Raises:
+        ValueError: unknown mode or bad sizes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..resample import pil_resize_tensor
+
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    n, _, h, w = x.shape
+    flags = [_is_8bit(x[i:i + 1]) for i in range(n)]
+    exact = torch.tensor(flags) if len(set(flags)) > 1 else flags[0]
+    y = x.to(device=device, dtype=torch.float32, non_blocking=True)
+    out_size = (h * scale, w * scale)
+    if mode == "official":
+        flag, size, up, final = official_sizes(w, h, scale, process_size)
+        if min(final) < 8:
+            raise ValueError(f"image of {w}x{h} is too small for x{scale}: it needs at least 8 output pixels per side")
+        for (sw, sh), name in ((size, "bicubic"), (up, "bicubic"), (final, "lanczos")):
+            if (sh, sw) != tuple(y.shape[-2:]):
+                y = pil_resize_tensor(y, (sh, sw), name, round_8bit=exact)
+        return Preprocessed(y.contiguous(), (h, w), out_size, mode, resize_flag=flag, exact_8bit=all(flags))
+    y = pil_resize_tensor(y, (h * scale, w * scale), "bicubic", round_8bit=exact)
+    ph, pw = (-y.shape[-2]) % 8, (-y.shape[-1]) % 8
+    if ph or pw:
+        pad_mode = "reflect" if ph < y.shape[-2] and pw < y.shape[-1] else "replicate"
+        y = F.pad(y, (0, pw, 0, ph), mode=pad_mode)
+    return Preprocessed(y.contiguous(), (h, w), out_size, mode, pad=(ph, pw), exact_8bit=all(flags))
+
+
+def finish_output_on_device(y, pre: Preprocessed, color_fix: str = "adain"):
+    """:func:`finish_output` with the final resize on ``y``'s device too (Pillow's bicubic as matrices, float):
+    one copy to the host, of the final image. Equal to :func:`finish_output` to float32 rounding."""
+    from ..color_fix import color_fix as _fix
+    from ..resample import pil_resize_tensor
+
+    y = y.float()
+    src = pre.image.to(y.device)
+    if pre.mode == "pad":
+        ch, cw = pre.content_size
+        y, src = y[..., :ch, :cw], src[..., :ch, :cw]
+    y = _fix(y, src, color_fix)
+    if tuple(y.shape[-2:]) != tuple(pre.out_size):
+        y = pil_resize_tensor(y, pre.out_size, "bicubic")
+    return y.cpu().contiguous()
+
+
 def _truncate_u8(y):
     """torchvision ``ToPILImage`` on a float tensor in ``[0, 1]``: ``(y * 255).byte()``, truncating (not rounding)."""
     import torch
@@ -245,14 +317,17 @@ def finish_output_official(y, pre: Preprocessed, color_fix: str = "adain", *, re
        its script drops the result of its resize).
 
     Args:
-        y: ``[1, 3, H, W]`` float in ``[0, 1]`` at the processed size (decoder output ``*0.5+0.5``, clamped).
+        y: ``[N, 3, H, W]`` float in ``[0, 1]`` at the processed size (decoder output ``*0.5+0.5``, clamped);
+            a batch is finished image by image, each as it would be alone.
         pre: the pre-processing record (``pre.image`` must be the 8-bit processed LQ: ``force_8bit``).
         color_fix: ``"adain"``, ``"wavelet"`` or ``"none"``.
         resize_back: resize back when ``pre.resize_flag`` is set (PiSA-SR: True; OSEDiff: False).
 
     Returns:
-        float32 CPU ``[1, 3, h, w]`` whose values are exactly ``k / 255``.
+        float32 CPU ``[N, 3, h, w]`` whose values are exactly ``k / 255``.
     """
+    import dataclasses
+
     import torch
     from PIL import Image
 
@@ -261,6 +336,9 @@ def finish_output_official(y, pre: Preprocessed, color_fix: str = "adain", *, re
 
     if pre.mode != "official" or not pre.exact_8bit:
         raise ValueError("compat='official' needs resize_mode='official' and the 8-bit pre-processing")
+    if y.shape[0] > 1:
+        return torch.cat([finish_output_official(y[i:i + 1], dataclasses.replace(pre, image=pre.image[i:i + 1]),
+                                                 color_fix, resize_back=resize_back) for i in range(y.shape[0])])
     q = _truncate_u8(y.float())
     mode = normalize_mode(color_fix)
     if mode != "none":
@@ -497,9 +575,9 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
     """``vae.encode(2x - 1)`` posterior mode (or a sample), times ``scaling_factor``: float32 latents on ``device``.
 
     Args:
-        image01: ``[1, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
+        image01: ``[N, 3, H, W]`` in ``[0, 1]`` (H, W multiples of 8).
         sample: sample the posterior (as the official scripts do) instead of taking its mode.
-        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there).
+        generator: ``torch.Generator`` for sampling (on the CPU; the sample is drawn there), or one per image.
         vae_tile: see :func:`vae_posterior`.
     """
     import torch
@@ -509,7 +587,11 @@ def vae_encode(vae, image01, *, sample: bool = False, generator=None, vae_tile: 
     with torch.no_grad():
         if sample:
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+            if isinstance(generator, (list, tuple)):  # one per image: each draws as it would alone
+                noise = torch.cat([torch.randn(mean[i:i + 1].shape, generator=g, dtype=torch.float32)
+                                   for i, g in enumerate(generator)])
+            else:
+                noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
             z = mean + std * noise
         else:
             z = dist.mode().float()
@@ -646,6 +728,40 @@ class OneStepDiffusionPipeline:
 
     flavor = "pisa"
     timestep = 1
+    #: Where pre/post-processing run: ``"auto"`` (on the pipeline's device when it is a GPU, else on the host),
+    #: ``"host"`` (Pillow on the CPU, the official scripts' path exactly) or ``"device"``
+    #: (:func:`preprocess_on_device` / :func:`finish_output_on_device`: Pillow's filters as matrices, within one
+    #: 8-bit level of the host path). Set it on the pipeline object.
+    processing = "auto"
+
+    def device_processing(self) -> bool:
+        """Whether this pipeline's pre/post-processing runs on its device (see :attr:`processing`)."""
+        if self.processing not in PROCESSING_MODES:
+            raise ValueError(f"processing must be one of {PROCESSING_MODES}, got {self.processing!r}")
+        return self.processing == "device" or (self.processing == "auto" and self.device.type == "cuda")
+
+    def _vae_tiled(self, x, process_size, resize_mode, vae_tile) -> bool:
+        """Whether the VAE would tile the processed ``x`` (then a batch runs image by image)."""
+        h, w = x.shape[-2:]
+        ps = process_size if process_size is not None else self.spec.options.get("process_size", 512)
+        if resize_mode == "pad":
+            ph, pw = -(-h * self.scale // 8) * 8, -(-w * self.scale // 8) * 8
+        else:
+            (pw, ph) = official_sizes(w, h, self.scale, ps)[3]
+        return _auto_vae_tile(ph // 8, pw // 8, vae_tile) is not None
+
+    def _one_by_one(self, x, extras: dict, generator, **kwargs):
+        """``_upscale_rgb`` per image of a batch (each with its own generator if a list is given)."""
+        import torch
+
+        ys, per = [], []
+        for i in range(x.shape[0]):
+            e: dict = {}
+            g = generator[i] if isinstance(generator, (list, tuple)) else generator
+            ys.append(self._upscale_rgb(x[i:i + 1], generator=g, extras=e, **kwargs))
+            per.append(e)
+        extras["per_image"] = per
+        return torch.cat(ys)
 
     def _init_dtypes(self, dtype) -> None:
         from .base import resolve_dtype
@@ -694,16 +810,22 @@ class OneStepDiffusionPipeline:
 
     def preprocess(self, x, *, process_size: Optional[int] = None, resize_mode: str = "official",
                    compat: str = "default") -> Preprocessed:
-        """The official pre-processing of ``x`` (``[1, 3, h, w]`` float ``[0, 1]``): see :func:`preprocess`."""
+        """The official pre-processing of ``x`` (``[N, 3, h, w]`` float ``[0, 1]``): see :func:`preprocess`
+        (in the default mode on the device: :func:`preprocess_on_device`, see :attr:`processing`).
+        ``compat="official"`` always takes Pillow's 8-bit path on the host, as the official scripts do."""
         ps = process_size if process_size is not None else self.spec.options.get("process_size", 512)
+        if compat != "official" and self.device_processing():
+            return preprocess_on_device(x, scale=self.scale, process_size=ps, mode=resize_mode, device=self.device)
         return preprocess(x, scale=self.scale, process_size=ps, mode=resize_mode, force_8bit=compat == "official")
 
     def finish(self, y, pre: Preprocessed, color_fix: str, compat: str = "default"):
-        """Colour fix and output size: realisr's float path (:func:`finish_output`) or, with
-        ``compat="official"``, the official scripts' 8-bit path (:func:`finish_output_official`; only PiSA-SR's
-        script resizes back)."""
+        """Colour fix and output size: realisr's float path (:func:`finish_output`; on the device:
+        :func:`finish_output_on_device`) or, with ``compat="official"``, the official scripts' 8-bit path on the
+        host (:func:`finish_output_official`; only PiSA-SR's script resizes back)."""
         if compat == "official":
             return finish_output_official(y, pre, color_fix, resize_back=self.flavor == "pisa")
+        if self.device_processing():
+            return finish_output_on_device(y, pre, color_fix)
         return finish_output(y, pre, color_fix)
 
     def encode(self, image01, *, sample_posterior: bool = False, generator=None, vae_tile=None, callback=None):
@@ -717,12 +839,15 @@ class OneStepDiffusionPipeline:
                           callback=callback)
 
     def _unet(self, z, embeds, *, batch: int = 1):
-        """One UNet call at ``self.timestep``; ``z`` float32 -> float32 prediction."""
+        """One UNet call at ``self.timestep``; ``z`` float32 ``[N, 4, h, w]`` -> float32 prediction; ``embeds``
+        ``[1, 77, D]`` (one prompt) or ``[N, 77, D]``; ``batch`` repeats the whole batch (``[batch * N, ...]``)."""
         import torch
 
         t = torch.tensor([self.timestep], device=self.device, dtype=torch.long)
         zz = z.to(device=self.device, dtype=self.dtype)
         emb = embeds.to(device=self.device, dtype=self.dtype)
+        if emb.shape[0] != zz.shape[0]:  # one prompt for a batch of images
+            emb = emb.expand(zz.shape[0], -1, -1)
         if batch > 1:
             zz = torch.cat([zz] * batch)
             emb = torch.cat([emb] * batch)

@@ -56,6 +56,7 @@ class GANPipeline(SRPipeline):
     """
 
     default_tile_pad = 16
+    supports_batch = True  # the network takes [N, 3, H, W]; tiles cut all images of a batch alike
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
                  channels_last: bool = True, compile: bool = False,
@@ -136,7 +137,7 @@ class GANPipeline(SRPipeline):
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
         if tile is None:
             bpp = _BYTES_PER_PIXEL.get(self.spec.arch or "", 24_000) * (0.5 if self.dtype != torch.float32 else 1)
-            biggest = auto_tile_size(self.device, bpp, maximum=2048)
+            biggest = auto_tile_size(self.device, bpp * x.shape[0], maximum=2048)
             # Tiles carry 2*pad of context; when the whole image fits, run it in one piece (no overlap work).
             tile = balanced_tile(x.shape[-2], x.shape[-1], max(64, biggest - 2 * pad), min(pad, biggest // 4))
         overlap = min(pad, max(0, (tile or 1) // 4))

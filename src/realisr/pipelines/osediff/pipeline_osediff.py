@@ -100,6 +100,7 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
     """
 
     flavor = "osediff"
+    supports_batch = True  # same-size images share the VAE and UNet calls (one by one when the VAE tiles)
     timestep = 999
     # What `realisr serve` shows (every change is a full run: the prompt reaches the UNet).
     dials = ModelDials(
@@ -239,19 +240,32 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
                      tags: bool = True, color_fix=None, process_size=None, resize_mode="official", latent_tile=None,
                      latent_overlap=None, vae_tile=None, sample_posterior=False, compat="default"):
         color_fix = color_fix or self.spec.color_fix
+        if x.shape[0] > 1 and self._vae_tiled(x, process_size, resize_mode, vae_tile):
+            return self._one_by_one(x, extras, generator, tile=tile, tile_pad=tile_pad, callback=callback,
+                                    prompt=prompt, tags=tags, color_fix=color_fix, process_size=process_size,
+                                    resize_mode=resize_mode, latent_tile=latent_tile, latent_overlap=latent_overlap,
+                                    vae_tile=vae_tile, sample_posterior=sample_posterior, compat=compat)
+        import torch
+
         lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
         pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode, compat=compat)
         ch, cw = pre.content_size  # the tagger sees the processed LQ without any padding (resize_mode="pad")
-        text, tag_string = self.resolve_prompt(prompt, pre.image[..., :ch, :cw], tags)
-        emb = self.prompt_embeds(text)
+        prompts = [self.resolve_prompt(prompt, pre.image[i:i + 1, :, :ch, :cw], tags) for i in range(x.shape[0])]
+        embs = [self.prompt_embeds(text) for text, _ in prompts]  # cached: the text encoder runs once per prompt
+        emb = embs[0] if all(e is embs[0] for e in embs) else torch.cat(embs)
         z_l = self.encode(pre.image, sample_posterior=sample_posterior, generator=generator, vae_tile=vae_tile,
                           callback=callback)
         eps = self.predict(z_l, emb, latent_tile=lt, latent_overlap=lo, callback=callback)
         z_h = self.step(z_l, eps)
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
         out = self.finish(y, pre, color_fix, compat)
-        extras["info"] = {"prompt": text, "tags": tag_string, "color_fix": color_fix, "processed_size": pre.size,
-                          "resize_flag": pre.resize_flag, "compat": compat,
+        extras["info"] = {"color_fix": color_fix, "processed_size": pre.size, "resize_flag": pre.resize_flag,
+                          "compat": compat,
                           "latent_tiles": latent_tile_plan(z_l.shape[-2], z_l.shape[-1], lt, lo)}
+        per = [{"info": {"prompt": text, "tags": tag_string}} for text, tag_string in prompts]
+        if len(per) == 1:
+            extras["info"].update(per[0]["info"])
+        else:
+            extras["per_image"] = per
         return out
 

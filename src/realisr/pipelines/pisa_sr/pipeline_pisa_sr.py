@@ -28,6 +28,7 @@ official code keeps ~3 GB of extra weight copies). Beyond the official code:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -83,6 +84,7 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     flavor = "pisa"
     timestep = 1
+    supports_batch = True  # same-size images share the VAE and UNet calls (one by one when the VAE tiles)
     # What `realisr serve` shows: the two dials re-render from the kept predictions (one VAE decode, no UNet
     # pass); every call runs the adjustable mode so that a recipe replays the displayed image exactly.
     # Priors measured on 2 CPU cores in fp32 (tests/slow/test_large_image.py: 2048x2048, 2567 s, 14.7 GB).
@@ -257,6 +259,12 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
         color_fix = color_fix or self.spec.color_fix
         info: dict = {}
         st = _redial_state
+        if st is None and x.shape[0] > 1 and self._vae_tiled(x, process_size, resize_mode, vae_tile):
+            return self._one_by_one(
+                x, extras, generator, tile=tile, tile_pad=tile_pad, callback=callback, lambda_pix=lambda_pix,
+                lambda_sem=lambda_sem, default_mode=default_mode, color_fix=color_fix, process_size=process_size,
+                resize_mode=resize_mode, latent_tile=latent_tile, latent_overlap=latent_overlap, vae_tile=vae_tile,
+                sample_posterior=sample_posterior, keep_predictions=keep_predictions, compat=compat)
         if st is None:
             lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
             pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode, compat=compat)
@@ -289,20 +297,30 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
         z_h = z_l - eps
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
         out = self.finish(y, pre, color_fix, compat)
-        if keep_predictions or st is not None:
-            extras["redial_state"] = st if st is not None else PiSARedialState(
-                z_L=z_l.float().cpu(), eps_pix=preds["eps_pix"].float().cpu(), eps_sem=preds["eps_sem"].float().cpu(),
-                pre=pre, color_fix=color_fix, vae_tile=vae_tile, compat=compat)
+        if st is not None:
+            extras["redial_state"] = st
+        elif keep_predictions:
+            states = [PiSARedialState(
+                z_L=z_l[i:i + 1].float().cpu(), eps_pix=preds["eps_pix"][i:i + 1].float().cpu(),
+                eps_sem=preds["eps_sem"][i:i + 1].float().cpu(),
+                pre=dataclasses.replace(pre, image=pre.image[i:i + 1].cpu()), color_fix=color_fix,
+                vae_tile=vae_tile, compat=compat) for i in range(z_l.shape[0])]
+            if len(states) == 1:
+                extras["redial_state"] = states[0]
+            else:
+                extras["per_image"] = [{"redial_state": st_i} for st_i in states]
         info.update(color_fix=color_fix, processed_size=pre.size, resize_flag=pre.resize_flag, compat=compat)
         extras["info"] = info
         return out
 
     def __call__(self, image, **kwargs) -> SROutput:
         out = super().__call__(image, **kwargs)
-        st = out.extras.get("redial_state")
-        if st is not None and st.image is None:
-            st.image = to_image_data(image)
-            st.outscale = kwargs.get("outscale")
+        many = isinstance(image, (list, tuple))
+        for o, im in zip(out if many else [out], image if many else [image]):
+            st = o.extras.get("redial_state")
+            if st is not None and st.image is None:
+                st.image = to_image_data(im)
+                st.outscale = kwargs.get("outscale")
         return out
 
     def redial(self, state: PiSARedialState, lambda_pix=1.0, lambda_sem=1.0, *, color_fix: Optional[str] = None,
