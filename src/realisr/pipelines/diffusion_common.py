@@ -491,7 +491,7 @@ def ddpm_step(z, eps, alphas_cumprod, t: int, prev_t: int, noise=None):
     ``t == 0``), with ``abar_prev = 1`` when ``prev_t < 0``.
 
     Unlike ``DDPMScheduler.step`` the noise is an argument, so a caller can draw it (or replay recorded draws).
-    (``realisr.pipelines.ccsr.schedule.ddpm_step`` is the same function with the same signature.)
+    CCSR and SeeSR both step with it.
 
     Args:
         z: the current sample; eps: the predicted noise (same shape).

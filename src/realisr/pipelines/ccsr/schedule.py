@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..diffusion_common import ddpm_step  # noqa: F401  (the one DDPM step, shared with SeeSR)
+
 __all__ = ["TruncatedSchedule", "truncated_schedule", "space_timesteps", "spaced_schedule", "leading_timesteps",
            "predict_x0", "add_noise", "ddpm_step"]
 
@@ -157,23 +159,3 @@ def add_noise(x0, noise, alphas_cumprod, t: int):
     """``q(x_t | x0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
     a = _abar(alphas_cumprod, t).to(x0.device)
     return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
-
-
-def ddpm_step(z, eps, alphas_cumprod, t: int, prev_t: int, noise=None):
-    """One ancestral DDPM step from ``t`` to ``prev_t`` with the ``fixed_small`` posterior variance.
-
-    Returns:
-        ``(prev_sample, x0)``; ``noise`` (standard normal, shaped like ``z``) is used when ``t > 0``.
-    """
-    a_t = _abar(alphas_cumprod, t).to(z.device)
-    a_prev = _abar(alphas_cumprod, prev_t).to(z.device)
-    beta_t, beta_prev = 1 - a_t, 1 - a_prev
-    alpha = a_t / a_prev
-    x0 = (z - beta_t ** 0.5 * eps) / a_t ** 0.5
-    mean = (a_prev ** 0.5 * (1 - alpha)) / beta_t * x0 + alpha ** 0.5 * beta_prev / beta_t * z
-    if t > 0:
-        if noise is None:
-            raise ValueError("ddpm_step: a step with t > 0 needs its variance noise")
-        var = (beta_prev / beta_t * (1 - alpha)).clamp(min=1e-20)
-        mean = mean + var ** 0.5 * noise
-    return mean, x0
