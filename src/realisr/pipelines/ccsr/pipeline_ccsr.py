@@ -333,17 +333,10 @@ class CCSRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     # -- stages ---------------------------------------------------------------------------------------------
     def prompt_embeds(self, prompt: str):
-        """The CLIP embedding ``[1, 77, C]`` of ``prompt`` (cached for the last few prompts)."""
-        from ...models.backbone import encode_prompt
+        """The CLIP embedding ``[1, 77, C]`` of ``prompt``, float32 (cached for the last few prompts)."""
+        from ..diffusion_common import cached_prompt_embeds
 
-        if prompt in self._embeds:
-            self._embeds.move_to_end(prompt)
-            return self._embeds[prompt]
-        emb = encode_prompt(self.tokenizer, self.text_encoder, prompt).float()
-        self._embeds[prompt] = emb
-        while len(self._embeds) > 8:
-            self._embeds.popitem(last=False)
-        return emb
+        return cached_prompt_embeds(self._embeds, self.tokenizer, self.text_encoder, prompt).float()
 
     def _network(self, z, t: int, ehs, cond, scale: float):
         """One ControlNet + UNet evaluation on a batch: ``eps`` float32."""

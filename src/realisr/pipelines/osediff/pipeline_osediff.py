@@ -193,16 +193,9 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
     # -- stages -------------------------------------------------------------------------------------------
     def prompt_embeds(self, prompt: str):
         """The CLIP embedding of ``prompt`` (cached for the last few prompts)."""
-        from ...models.backbone import encode_prompt
+        from ..diffusion_common import cached_prompt_embeds
 
-        if prompt in self._embeds:
-            self._embeds.move_to_end(prompt)
-            return self._embeds[prompt]
-        emb = encode_prompt(self.tokenizer, self.text_encoder, prompt)
-        self._embeds[prompt] = emb
-        while len(self._embeds) > 8:
-            self._embeds.popitem(last=False)
-        return emb
+        return cached_prompt_embeds(self._embeds, self.tokenizer, self.text_encoder, prompt)
 
     def resolve_prompt(self, prompt: PromptSource, image01, tags: bool = True) -> tuple[str, Optional[str]]:
         """``(prompt text, tag string or None)`` for one image: ``prompt(image01)`` for a callable; with the
