@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu")
+    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
+                                       "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, dape, dape-tiny-cpu, "
+                                       "seesr, tiny-cpu-seesr")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -32,12 +34,25 @@ def make_trainer(cfg, callback=None):
     """The trainer for ``cfg.method`` (imports torch/diffusers)."""
     from realisr.errors import require
 
+    if cfg.method == "dape":
+        require("accelerate", "train")
+        from realisr.train.trainer_dape import DAPETrainer
+
+        return DAPETrainer(cfg, callback=callback)
     for module in ("accelerate", "diffusers", "peft", "transformers"):
         require(module, "train")
     if cfg.method == "pisa-sr":
         from realisr.train.trainer_pisa_sr import PiSASRTrainer
 
         return PiSASRTrainer(cfg, callback=callback)
+    if cfg.method == "ccsr":
+        from realisr.train.trainer_ccsr import CCSRTrainer
+
+        return CCSRTrainer(cfg, callback=callback)
+    if cfg.method == "seesr":
+        from realisr.train.trainer_seesr import SeeSRTrainer
+
+        return SeeSRTrainer(cfg, callback=callback)
     from realisr.train.trainer_osediff import OSEDiffTrainer
 
     return OSEDiffTrainer(cfg, callback=callback)
@@ -64,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     callback = _MainProcessOnly(TqdmProgress(disable=bool(getattr(args, "quiet", False))))
     summary = make_trainer(cfg, callback).train()
-    if callback.enabled:
+    if callback.enabled and not getattr(args, "quiet", False):
         print(f"realisr train: {cfg.method} finished at step {summary['step']} "
               f"({summary['steps_per_s']:.3g} steps/s); checkpoint: {summary['checkpoint']}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from ...dials import Dial, ModelDials
+from ...progress import report
 from ...registry import ModelSpec, WeightSource
 from ...tiling import auto_tile_size, balanced_tile, run_with_oom_retry, tiled_forward
 from ..base import SRPipeline
@@ -18,6 +20,26 @@ __all__ = ["GANPipeline"]
 _BYTES_PER_PIXEL = {"RRDBNet": 24_000, "SRVGGNetCompact": 6_000}  # ~2x the measured working memory
 
 
+def _progress_blocks(model) -> list:
+    """The repeated blocks of a network (RRDB blocks, the convolutions of a compact net, Swin stages...): the
+    largest run of same-type children of one ``Sequential``/``ModuleList``, at least 4; ``[]`` if none."""
+    from collections import Counter
+
+    import torch.nn as nn
+
+    best: list = []
+    for mod in model.modules():
+        if not isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            continue
+        kids = list(mod.children())
+        if len(kids) < 4:
+            continue
+        cls, n = Counter(type(k) for k in kids).most_common(1)[0]
+        if n >= 4 and n > len(best):
+            best = [k for k in kids if type(k) is cls]
+    return best
+
+
 class GANPipeline(SRPipeline):
     """A feed-forward network loaded through spandrel.
 
@@ -26,9 +48,6 @@ class GANPipeline(SRPipeline):
         descriptor: a spandrel ``ImageModelDescriptor`` (loaded from ``spec`` when ``None``).
         channels_last: run the spandrel model in channels-last memory format (faster on CPU and tensor cores;
             see benchmarks/bench_gan.py). Default: on.
-        winograd: on CPU in fp32, run RRDBNet (ESRGAN/Real-ESRGAN/RealSR x4) with the Winograd forward of
-            :mod:`.winograd` (same result to ~1e-5). Off by default: on a 2-core AVX2 CPU it measured about
-            as fast as the channels-last model (faster at 128 px, slower at 256 px) with twice the working memory.
         compile: wrap the model in ``torch.compile`` (inductor, frozen weights). Off by default: compiling
             RRDBNet takes minutes on CPU for a gain of ~15%.
         num_threads: CPU threads during a call (``torch.set_num_threads``, restored afterwards); default:
@@ -42,9 +61,10 @@ class GANPipeline(SRPipeline):
     """
 
     default_tile_pad = 16
+    supports_batch = True  # the network takes [N, 3, H, W]; tiles cut all images of a batch alike
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
-                 channels_last: bool = True, winograd: bool = False, compile: bool = False,
+                 channels_last: bool = True, compile: bool = False,
                  num_threads: Optional[int] = None):
         super().__init__(spec, device=device, dtype=dtype, num_threads=num_threads)
         import torch
@@ -58,21 +78,18 @@ class GANPipeline(SRPipeline):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._fast = None
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if winograd:
-            if not cpu_fp32 or compile:
-                raise ValueError("winograd=True needs device='cpu', dtype fp32 and compile=False")
-            from .winograd import winograd_rrdbnet
-
-            self._fast = winograd_rrdbnet(descriptor)
-            if self._fast is None:
-                raise ValueError(f"winograd=True: no Winograd forward for {spec.arch or 'this architecture'}")
-        self._call = self._fast or self.model
+        self._call = self.model
         if compile:
             self._call = torch.compile(self.model, options={"freezing": True})
         self.size_multiple = max(1, int(getattr(descriptor.size_requirements, "multiple_of", 1) or 1),
                                  spec.size_multiple)
+        # Models whose published graph resizes the network's output (animevideov3 x2/x3: the x4 network, then
+        # a bicubic resize, as the ncnn files do), applied per tile like the ncnn graph.
+        self.network_scale = int(descriptor.scale)
+        self._blocks = [] if compile else _progress_blocks(self.model)
+        self._block_callback = None
+        for i, block in enumerate(self._blocks):
+            block.register_forward_hook(self._block_hook(i))
 
     @classmethod
     def from_file(cls, path, device=None, dtype=None, **kwargs) -> "GANPipeline":
@@ -89,21 +106,40 @@ class GANPipeline(SRPipeline):
                          description=f"{arch} loaded from {path}")
         return cls(spec, device=device, dtype=dtype, descriptor=desc, **kwargs)
 
+    def _block_hook(self, i: int):
+        def hook(module, inputs, output):
+            cb = self._block_callback
+            if cb is not None:
+                cb(i + 1, len(self._blocks))
+        return hook
+
+    # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
+    # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
+    dials = ModelDials(dials=(
+        Dial("fidelity", "Fidelity (0 = released GAN, 1 = L1-tuned)", "float", default=0.0, minimum=0.0,
+             maximum=1.0, step=0.05, spatial=True, requires=("fidelity_delta",),
+             help="weight-space interpolation towards fidelity; fewer GAN artefacts, less invented detail"),
+    ), seconds_per_mp={"cpu": 29.0, "cuda": 0.3}, bytes_per_out_pixel=1500.0, model_bytes=7e7)
+
     def _forward(self, x):
         import torch
+        import torch.nn.functional as F
 
-        if self.channels_last and self._fast is None:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._call(x)
+        y = self._call(x)
+        if self.network_scale != self.scale:
+            size = (x.shape[-2] * self.scale, x.shape[-1] * self.scale)
+            y = F.interpolate(y, size=size, mode="bicubic", align_corners=False)
+        return y
 
-    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
-                     **kwargs):
+    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras):
         import torch
 
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
         if tile is None:
             bpp = _BYTES_PER_PIXEL.get(self.spec.arch or "", 24_000) * (0.5 if self.dtype != torch.float32 else 1)
-            biggest = auto_tile_size(self.device, bpp, maximum=2048)
+            biggest = auto_tile_size(self.device, bpp * x.shape[0], maximum=2048)
             # Tiles carry 2*pad of context; when the whole image fits, run it in one piece (no overlap work).
             tile = balanced_tile(x.shape[-2], x.shape[-1], max(64, biggest - 2 * pad), min(pad, biggest // 4))
         overlap = min(pad, max(0, (tile or 1) // 4))
@@ -113,7 +149,15 @@ class GANPipeline(SRPipeline):
                                  size_multiple=self.size_multiple, device=self.device, dtype=self.dtype,
                                  callback=callback, stage="tiles")
 
-        with torch.inference_mode():
-            y, used = (run_with_oom_retry(run, tile, device=self.device) if tile else (run(0), 0))
-        extras["info"] = {"tile": used, "tile_pad": pad, "winograd": self._fast is not None}
+        if callback is not None and self._blocks:  # progress inside a tile: one event per block of the network
+            def blocks(done: int, total: int) -> None:
+                report(callback, "blocks", done, total)
+            self._block_callback = blocks
+
+        try:
+            with torch.inference_mode():
+                y, used = (run_with_oom_retry(run, tile, device=self.device) if tile else (run(0), 0))
+        finally:
+            self._block_callback = None
+        extras["info"] = {"tile": used, "tile_pad": pad}
         return y.clamp(0.0, 1.0)  # out of place: y may be an inference-mode tensor
