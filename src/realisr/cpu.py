@@ -9,7 +9,9 @@ fp32. AVX512-BF16 is reported (benchmarks print it) but does not switch ``auto``
 
 Detection asks PyTorch (``torch.cpu.get_capabilities()``, PyTorch >= 2.9) and falls back to the flags of
 ``/proc/cpuinfo``; the result is cached. ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) set below AMX
-means oneDNN will not use the tiles: the units are then reported unusable.
+means oneDNN will not use the tiles: the units are then reported unusable. ``REALISR_CPU_BF16=0`` makes
+realisr itself treat them as absent (``auto`` stays fp32; oneDNN is untouched, so an explicit ``bf16`` still
+runs on the tiles); the test suite sets it so that its results do not depend on the CPU it runs on.
 
 Threads: :func:`default_threads` is the number of *physical* cores this process may run on (its CPU
 affinity, a cgroup CPU quota), or ``OMP_NUM_THREADS`` when set. Hyper-threads share a core's matrix units,
@@ -60,6 +62,7 @@ class CPUInfo:
         logical_cores: logical CPUs this process may run on.
         source: where the flags came from (``"torch"`` or ``"/proc/cpuinfo"``, ``"none"``).
         isa_cap: ``ONEDNN_MAX_CPU_ISA`` when it is set (it can hide the AMX units from oneDNN).
+        bf16_off: ``REALISR_CPU_BF16=0`` is set: realisr treats the AMX units as absent.
     """
 
     name: str
@@ -70,6 +73,7 @@ class CPUInfo:
     logical_cores: int
     source: str = "torch"
     isa_cap: Optional[str] = None
+    bf16_off: bool = False
 
     @property
     def bf16_units(self) -> bool:
@@ -84,6 +88,7 @@ class CPUInfo:
     def describe(self) -> str:
         """One line for logs and benchmark tables."""
         cap = f"; ONEDNN_MAX_CPU_ISA={self.isa_cap}" if self.isa_cap else ""
+        cap += "; REALISR_CPU_BF16=0" if self.bf16_off else ""
         return (f"{self.name} ({self.arch}), {self.physical_cores} physical / {self.logical_cores} logical cores "
                 f"available, bf16 units: {self.units()}{cap} -> dtype auto: "
                 f"{'bf16 where the model allows it' if self.bf16_units else 'fp32'}")
@@ -191,11 +196,12 @@ def _detect() -> CPUInfo:
         amx, avx = "amx_bf16" in flags, "avx512_bf16" in flags
         source = "/proc/cpuinfo" if flags else "none"
     cap = _isa_cap()
-    amx = amx and _amx_allowed(cap)
+    off = os.environ.get("REALISR_CPU_BF16", "").strip().lower() in ("0", "off", "false", "no")
+    amx = amx and _amx_allowed(cap) and not off
     physical, logical = physical_cores_available()
     return CPUInfo(name=name or platform.processor() or "unknown CPU", arch=platform.machine() or "?",
                    amx_bf16=amx, avx512_bf16=avx, physical_cores=physical, logical_cores=logical, source=source,
-                   isa_cap=cap)
+                   isa_cap=cap, bf16_off=off)
 
 
 @functools.lru_cache(maxsize=1)

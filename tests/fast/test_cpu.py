@@ -27,7 +27,8 @@ AVX512_BF16_ONLY = dataclasses.replace(PLAIN, name="Fake Zen 4", avx512_bf16=Tru
 
 
 @pytest.fixture(autouse=True)
-def _fresh_detection():
+def _fresh_detection(monkeypatch):
+    monkeypatch.delenv("REALISR_CPU_BF16", raising=False)  # tests/conftest.py sets it for the rest of the suite
     cpu._cached.cache_clear()
     yield
     cpu._cached.cache_clear()
@@ -123,6 +124,17 @@ def test_onednn_isa_cap_hides_the_tiles(monkeypatch, cap, amx):
     info = cpu.cpu_info()
     assert info.amx_bf16 is amx and info.isa_cap == cap
     assert f"ONEDNN_MAX_CPU_ISA={cap}" in info.describe()
+
+
+@pytest.mark.parametrize("value, amx", [("0", False), ("off", False), ("1", True), ("", True)])
+def test_realisr_cpu_bf16_off_hides_the_tiles(monkeypatch, value, amx):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "avx512_bf16": True},
+                        raising=False)
+    monkeypatch.setenv("REALISR_CPU_BF16", value)
+    info = cpu.cpu_info()
+    assert info.amx_bf16 is amx and info.avx512_bf16
+    assert ("REALISR_CPU_BF16=0" in info.describe()) is not amx
+    assert info.describe().endswith("bf16 where the model allows it" if amx else "fp32")
 
 
 def test_detection_runs_once(monkeypatch):
