@@ -14,7 +14,23 @@ shared machine even when absolute times are not.
 Variants: ``ncnn`` (the ncnn runtime, fp32: no Vulkan, no fp16/bf16 storage or arithmetic), ``eager``
 (our pipeline with the plain spandrel model, NCHW fp32), ``channels_last`` (plain model, channels-last),
 ``compile`` (torch.compile, inductor with freezing; not in the default list: compiling takes minutes),
-``bf16`` (only where the CPU has avx512_bf16 or AMX).
+``bf16`` (channels-last bf16; only where the CPU has AVX512-BF16 or AMX: elsewhere bf16 is emulated, several times slower), ``auto`` (what
+``realisr upscale`` runs: ``dtype="auto"``, bf16 on a CPU with AMX-BF16, else fp32; channels-last).
+
+The table starts with the CPU's capabilities (:mod:`realisr.cpu`). ``cpu s`` is the process CPU time of the
+best run (all threads): with one thread it hardly depends on other jobs sharing the machine, so on a busy
+machine compare that column. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` (no AMX) or ``AVX2`` in the environment
+makes oneDNN behave as on a CPU without those units (realisr's detection follows it).
+
+Measured 2026-12-01 on a 2-core Intel Xeon (Sapphire Rapids class: AMX-BF16, AVX512-BF16) shared with up to
+7 other jobs (load 9-12), realesrgan-x4plus 96->384, 1 thread, cpu s of the best of 2 (x fp32 channels-last):
+
+    oneDNN ISA            fp32 NCHW     fp32 channels_last   bf16 NCHW     bf16 channels_last
+    native (AMX)          4.16 (1.42)   2.92 (1.00)          1.69 (0.58)   0.79 (0.27)
+    AVX512_CORE_BF16      3.73 (1.24)   3.02 (1.00)          4.78 (1.58)   4.40 (1.46)
+    AVX512_CORE           3.42 (1.21)   2.83 (1.00)          11.70 (4.13)  12.15 (4.29)
+
+So bf16 pays only with AMX (``dtype="auto"`` uses it there), and channels-last pays in both dtypes.
 
 Measured 2026-11-26 on a 2-core AMD EPYC (AVX2, no AVX-512/bf16) shared with other jobs (load 3-14, so
 absolute times drift; compare rows of one block), realesrgan-x4plus, 1 thread, s/img (x ncnn):
@@ -41,9 +57,9 @@ import subprocess
 import sys
 import time
 
-ALL_VARIANTS = ["ncnn", "eager", "channels_last", "compile", "bf16"]
+ALL_VARIANTS = ["ncnn", "eager", "channels_last", "compile", "bf16", "auto"]
 # torch.compile of RRDBNet takes many minutes on a small CPU: measured only when asked for.
-DEFAULT_VARIANTS = ["ncnn", "eager", "channels_last", "bf16"]
+DEFAULT_VARIANTS = ["ncnn", "eager", "channels_last", "bf16", "auto"]
 
 
 def _rss_mib() -> float:
@@ -64,11 +80,10 @@ def _input(size: int):
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    from realisr.cpu import cpu_info
+
+    info = cpu_info()
+    return info.amx_bf16 or info.avx512_bf16
 
 
 def worker(variant: str, model_id: str, size: int, threads: int, repeats: int) -> dict:
@@ -103,7 +118,7 @@ def worker(variant: str, model_id: str, size: int, threads: int, repeats: int) -
     else:
         import realisr
 
-        kwargs: dict = {"device": "cpu", "num_threads": threads}
+        kwargs: dict = {"device": "cpu", "num_threads": threads, "dtype": "fp32"}  # fp32 unless said otherwise
         if variant == "eager":
             kwargs.update(channels_last=False)
         elif variant == "channels_last":
@@ -112,25 +127,30 @@ def worker(variant: str, model_id: str, size: int, threads: int, repeats: int) -
             kwargs.update(compile=True)
         elif variant == "bf16":
             kwargs.update(dtype="bf16", channels_last=True)
+        elif variant == "auto":
+            kwargs.update(dtype="auto")
         pipe = realisr.load_pipeline(model_id, **kwargs)
 
         def run():
             return pipe(img, tile=0).image.pixels
+    dtype = "float32" if variant == "ncnn" else str(pipe.dtype).replace("torch.", "")
     load_s = time.perf_counter() - t_load
     rss_loaded = _rss_mib()
     t0 = time.perf_counter()
     out = run()
     warm_s = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = run()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if os.environ.get("BENCH_OUT"):
         np.save(os.environ["BENCH_OUT"], np.asarray(out, dtype=np.float32))
     return {"variant": variant, "size": size, "threads": threads, "best_s": min(times), "times": times,
-            "warmup_s": warm_s, "load_s": load_s, "peak_mib": peak, "infer_mib": peak - rss_loaded}
+            "cpu_s": min(cpu), "dtype": dtype, "warmup_s": warm_s, "load_s": load_s, "peak_mib": peak,
+            "infer_mib": peak - rss_loaded}
 
 
 def main(argv=None) -> int:
@@ -159,13 +179,13 @@ def main(argv=None) -> int:
     if "bf16" in variants and not _cpu_has_bf16():
         print("# bf16 skipped: this CPU has neither avx512_bf16 nor AMX (bf16 would be emulated, slower)")
         variants.remove("bf16")
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "?"
-    print(f"# {args.model} on {cpu}, {ncpu} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
+    from realisr.cpu import cpu_info
+
+    print(f"# CPU: {cpu_info().describe()}")
+    print(f"# {args.model}, {ncpu} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"best of {args.repeats} after 1 warm-up")
-    header = f"{'size':>11} {'thr':>3} {'variant':<14} {'s/img':>8} {'x ncnn':>7} {'peak MiB':>9} {'infer MiB':>9}"
+    header = (f"{'size':>11} {'thr':>3} {'variant':<14} {'dtype':<8} {'s/img':>8} {'cpu s':>7} {'x ncnn':>7} "
+              f"{'peak MiB':>9} {'infer MiB':>9}")
     if args.check:
         header += f" {'max|d| vs ncnn':>14}"
     print(header)
@@ -199,8 +219,8 @@ def main(argv=None) -> int:
                         res[v] = r
                     base = res.get("ncnn")
                     ratio = f"{r['best_s'] / base['best_s']:.2f}" if base else "-"
-                    line = (f"{size:>4}->{size * 4:<5} {th:>3} {label:<14} {r['best_s']:>8.2f} {ratio:>7} "
-                            f"{r['peak_mib']:>9.0f} {r['infer_mib']:>9.0f}")
+                    line = (f"{size:>4}->{size * 4:<5} {th:>3} {label:<14} {r['dtype']:<8} {r['best_s']:>8.2f} "
+                            f"{r['cpu_s']:>7.2f} {ratio:>7} {r['peak_mib']:>9.0f} {r['infer_mib']:>9.0f}")
                     if args.check and base and v != "ncnn" and os.path.exists(env["BENCH_OUT"]):
                         d = np.abs(np.load(env["BENCH_OUT"]) - np.load(os.path.join(tmp, "ncnn.npy"))).max()
                         line += f" {d:>14.2e}"

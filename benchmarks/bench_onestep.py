@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import threading
@@ -124,21 +125,22 @@ def _sync(device):
 
 
 def measure(fn, device, warmup: int, repeats: int):
-    """``(median seconds, peak GiB, peak GiB above the starting level, last result)``."""
+    """``(median seconds, median process CPU seconds, peak GiB, peak GiB above the starting level, last result)``."""
     import torch
 
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
         _sync(device)
-        times = []
+        times, cpu = [], []
         with _Peak(device) as peak:
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak.gib, peak.extra_gib, out
+                cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu), peak.gib, peak.extra_gib, out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -219,8 +221,8 @@ def reference_rows(args, device, dtypes, img, embeds):
             out = vae.decode((z - eps) / sf).sample.clamp(-1, 1)
             return (out.float() * 0.5 + 0.5).cpu()
 
-        s, peak, extra, _ = measure(run, device, args.warmup, args.repeats)
-        rows.append((f"reference {name}", name, s, peak, extra, "plain diffusers, LoRA unmerged (peft)"))
+        s, cpu, peak, extra, _ = measure(run, device, args.warmup, args.repeats)
+        rows.append((f"reference {name}", name, s, cpu, peak, extra, "plain diffusers, LoRA unmerged (peft)"))
         print(f"  reference {name}: {s:.3f} s", file=sys.stderr, flush=True)
     return rows  # the models are freed with this frame
 
@@ -253,8 +255,8 @@ def pisa_rows(args, device, dtypes, img, embeds):
             pipe.unet = _optimize(unet, args.channels_last, args.compile, args.compile_mode)
             pipe.vae.encoder = _optimize(vae.encoder, args.channels_last, args.compile, args.compile_mode)
             pipe.vae.decoder = _optimize(vae.decoder, args.channels_last, args.compile, args.compile_mode)
-        s, peak, extra, _ = measure(lambda: pipe(img, default_mode=True, **kw), device, args.warmup, args.repeats)
-        rows.append(("pisa default", tag, s, peak, extra, "pipeline, semantic LoRA fused, 1 UNet pass"))
+        s, cpu, peak, extra, _ = measure(lambda: pipe(img, default_mode=True, **kw), device, args.warmup, args.repeats)
+        rows.append(("pisa default", tag, s, cpu, peak, extra, "pipeline, semantic LoRA fused, 1 UNet pass"))
         print(f"  pisa default {tag}: {s:.3f} s", file=sys.stderr, flush=True)
         if opt:  # peft hooks (per-sample adapters) and compile do not mix: back to the eager modules
             pipe.unet = unet
@@ -262,15 +264,15 @@ def pisa_rows(args, device, dtypes, img, embeds):
             pipe.vae.decoder = getattr(pipe.vae.decoder, "_orig_mod", pipe.vae.decoder)
 
         pipe.unfuse_lora()
-        s, peak, extra, _ = measure(lambda: pipe(img, lambda_pix=0.8, lambda_sem=1.2, **kw), device,
+        s, cpu, peak, extra, _ = measure(lambda: pipe(img, lambda_pix=0.8, lambda_sem=1.2, **kw), device,
                                     args.warmup, args.repeats)
-        rows.append(("pisa adjustable", name, s, peak, extra, "pipeline, dials (0.8, 1.2), batch-2 UNet call"))
+        rows.append(("pisa adjustable", name, s, cpu, peak, extra, "pipeline, dials (0.8, 1.2), batch-2 UNet call"))
         print(f"  pisa adjustable {name}: {s:.3f} s", file=sys.stderr, flush=True)
 
         with torch.inference_mode():
             state = pipe(img, lambda_pix=1.0, lambda_sem=1.0, keep_predictions=True, **kw).extras["redial_state"]
-        s, peak, extra, _ = measure(lambda: pipe.redial(state, 0.5, 1.5), device, args.warmup, args.repeats)
-        rows.append(("re-dial", name, s, peak, extra, "pipeline.redial: VAE decode only"))
+        s, cpu, peak, extra, _ = measure(lambda: pipe.redial(state, 0.5, 1.5), device, args.warmup, args.repeats)
+        rows.append(("re-dial", name, s, cpu, peak, extra, "pipeline.redial: VAE decode only"))
         print(f"  re-dial {name}: {s:.3f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -341,9 +343,9 @@ def osediff_rows(args, device, dtypes, img, embeds):
         for name in dtypes:
             pipe = cls(spec, unet=unet, vae=vae, text_encoder=_fixed_text_encoder(embeds), tokenizer=_FixedTokenizer(),
                        scheduler=_sd_scheduler(), device=device, dtype=DTYPES[name])
-            s, peak, extra, _ = measure(lambda: pipe(img, prompt="", process_size=args.size), device, args.warmup,
+            s, cpu, peak, extra, _ = measure(lambda: pipe(img, prompt="", process_size=args.size), device, args.warmup,
                                         args.repeats)
-            rows.append(("osediff", name, s, peak, extra, "pipeline, LoRA merged (prompt embedding cached)"))
+            rows.append(("osediff", name, s, cpu, peak, extra, "pipeline, LoRA merged (prompt embedding cached)"))
             print(f"  osediff {name}: {s:.3f} s", file=sys.stderr, flush=True)
     else:
         from realisr.color_fix import color_fix
@@ -366,8 +368,9 @@ def osediff_rows(args, device, dtypes, img, embeds):
                 out = vae.decode((z0 / sf).to(vdt)).sample.clamp(-1, 1).float().cpu() * 0.5 + 0.5
                 return color_fix(out, x, "adain")
 
-            s, peak, extra, _ = measure(run, device, args.warmup, args.repeats)
-            rows.append(("osediff", name, s, peak, extra, "[direct ops] OSEDiffPipeline API not found; LoRA merged"))
+            s, cpu, peak, extra, _ = measure(run, device, args.warmup, args.repeats)
+            rows.append(("osediff", name, s, cpu, peak, extra,
+                         "[direct ops] OSEDiffPipeline API not found; LoRA merged"))
             print(f"  osediff {name}: {s:.3f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -410,16 +413,21 @@ def print_table(rows, device, args):
     default = {r[1].split("+")[0]: r[2] for r in rows if r[0] == "pisa default"}
     print(f"\nbench_onestep: {args.size}x{args.size} output ({args.size // SCALE}px LQ x{SCALE}, latent "
           f"{args.size // 8}x{args.size // 8}), device {device}, median of {args.repeats} after {args.warmup} warm-up")
-    head = (f"{'row':<17} {'dtype':<18} {'seconds':>9} {'peak GiB':>9} {'+GiB':>7} {'x ref32':>8} "
-            f"{'x ref/dt':>8}  note")
+    ref_cpu = {r[1]: r[3] for r in rows if r[0].startswith("reference")}
+    head = (f"{'row':<17} {'dtype':<18} {'seconds':>9} {'cpu s':>8} {'peak GiB':>9} {'+GiB':>7} {'x ref32':>8} "
+            f"{'x ref/dt':>8} {'cpu x ref32':>11}  note")
     print(head)
     print("-" * len(head))
-    for name, dt, s, peak, extra, note in rows:
+    for name, dt, s, cpu, peak, extra, note in rows:
         base = dt.split("+")[0]
         r32 = f"{ref32 / s:.2f}" if ref32 else "-"
         rdt = f"{ref[base] / s:.2f}" if base in ref else "-"
-        print(f"{name:<17} {dt:<18} {s:>9.3f} {peak:>9.2f} {extra:>7.2f} {r32:>8} {rdt:>8}  {note}")
+        c32 = f"{ref_cpu['fp32'] / cpu:.2f}" if "fp32" in ref_cpu and cpu > 0 else "-"
+        print(f"{name:<17} {dt:<18} {s:>9.3f} {cpu:>8.2f} {peak:>9.2f} {extra:>7.2f} {r32:>8} {rdt:>8} {c32:>11}  "
+              f"{note}")
     print("\nx ref32 / x ref/dt: speed-up over the reference path in fp32 / in the same dtype (>1 is faster).")
+    print("cpu s: process CPU seconds (all threads; with --threads 1 nearly independent of other jobs on a shared "
+          "machine); cpu x ref32: the speed-up in those.")
     for name, dt, s, *_ in rows:
         if name == "pisa adjustable" and dt in default:
             print(f"adjustable / default ({dt}): {s / default[dt]:.2f}x the default mode's time")
@@ -466,6 +474,10 @@ def main(argv=None):
         dtypes = [args.dtype]
     else:
         p.error(f"--dtype must be one of {', '.join(DTYPES)} or all")
+    if device.type == "cpu":
+        from realisr.cpu import cpu_info
+
+        print(f"CPU: {cpu_info().describe()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     torch.manual_seed(0)
     img = lq_image(args.size)
     embeds = torch.randn(1, 77, 1024)

@@ -110,6 +110,10 @@ def main(argv=None) -> int:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         stages = ("pixel", "semantic") if args.method == "pisa-sr" else ("vsd",)
         print(f"# {args.method} training, {device}, crop {crop}, {args.mixed_precision}, gradient checkpointing")
+        if device == "cpu":
+            from realisr.cpu import cpu_info
+
+            print(f"# CPU: {cpu_info().describe()}")
         print(f"{'stage':>9} {'batch':>5} {'steps/s':>8} {'img/s':>7} {'peak GiB':>9}")
         for stage in stages:
             for b in args.batch:

@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 # reason on a developer's machine, and fails in CI, so that CI really runs it.
 STRICT = os.environ.get("REALISR_TEST_STRICT", "") not in ("", "0")
 
+# dtype="auto" must not depend on the CPU the suite runs on (bf16 on CPUs with AMX, fp32 elsewhere): the suite
+# sees every CPU as one without AMX (subprocesses inherit it); tests/fast/test_cpu.py tests the choice on
+# simulated CPUs of both kinds, and tests that want bf16 ask for it.
+os.environ.setdefault("REALISR_CPU_BF16", "0")
+
 
 def _strict_failure(report, where):
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)

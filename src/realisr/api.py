@@ -30,7 +30,7 @@ def resolve_model_id(model: str, sd=None) -> str:
     return OFFLINE_DEFAULT
 
 
-def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
+def load_pipeline(model: str = "auto", *, device=None, dtype=None, num_threads=None, **kwargs):
     """Load a pipeline by registry id or checkpoint path.
 
     Args:
@@ -38,7 +38,11 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
             spandrel-supported ``.pth``/``.safetensors``, an official ``.pkl`` of a diffusion method, or a
             CCSR release folder holding ``controlnet/`` and ``vae/``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: the best available).
-        dtype: ``"auto"`` (fp32 on CPU, half precision on CUDA where safe), ``"fp32"``, ``"fp16"``, ``"bf16"``.
+        dtype: ``"auto"``, ``"fp32"``, ``"fp16"``, ``"bf16"``. ``auto``: half precision on CUDA where safe; on
+            a CPU with AMX-BF16 units bf16 for models with a tested bf16 bound (the registry's
+            ``bf16_psnr_db``), else fp32 (see :mod:`realisr.cpu`); the choice and why are logged at INFO.
+        num_threads: CPU threads during each call (default: PyTorch's setting capped at the physical cores
+            this process may use, :func:`realisr.cpu.default_threads`); also ``pipe.num_threads = n`` later.
         **kwargs: passed to the pipeline's constructor (e.g. ``sd=`` for diffusion pipelines).
 
     Returns:
@@ -48,7 +52,16 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
         UnknownModelError: neither a registered id nor an existing file.
         WeightsNotFoundError: the weights are not available here (the message says how to get them).
     """
-    model_id = resolve_model_id(str(model), sd=kwargs.get("sd"))
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    pipe = _load(str(model), device=device, dtype=dtype, **kwargs)
+    pipe.num_threads = num_threads
+    return pipe
+
+
+def _load(model: str, *, device, dtype, **kwargs):
+    model_id = resolve_model_id(model, sd=kwargs.get("sd"))
     path = Path(model_id).expanduser()
     from .registry import REGISTRY
 

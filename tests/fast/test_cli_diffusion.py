@@ -31,8 +31,8 @@ def setup(tmp_path, monkeypatch):
     return tmp_path, src, arr
 
 
-def _run(*args):
-    return main(["upscale", "-q", "--sd", str(sd_dir()), "--process-size", "64", *map(str, args)])
+def _run(*args):  # fp32 as the API pipelines it is compared with (auto is bf16 on a CPU with AMX)
+    return main(["upscale", "-q", "--fp32", "--sd", str(sd_dir()), "--process-size", "64", *map(str, args)])
 
 
 def test_pisa_default_and_dials_match_the_api(setup):

@@ -98,9 +98,10 @@ def test_flags_after_subcommand_and_convert_bundled_model(folder, tmp_path, caps
     st = tmp_path / "av3.safetensors"
     assert main(["convert", "realesr-animevideov3-x4", str(st)]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["upscale", "-q", "-i", str(folder / "a.png"), "-o", str(a), "-m", str(st), "-t", "0"]) == 0
+    assert main(["upscale", "-q", "-i", str(folder / "a.png"), "-o", str(a), "-m", str(st), "-t", "0",
+                 "--fp32"]) == 0
     assert main(["upscale", "-q", "-i", str(folder / "a.png"), "-o", str(b), "-m", "realesr-animevideov3-x4",
-                 "-t", "0"]) == 0
+                 "-t", "0", "--fp32"]) == 0
     x = np.asarray(Image.open(a / "a_out.png"), dtype=int)
     y = np.asarray(Image.open(b / "a_out.png"), dtype=int)
     assert x.shape == (128, 160, 3) and np.abs(x - y).max() == 0

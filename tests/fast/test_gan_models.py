@@ -235,8 +235,8 @@ def test_pipeline_fast_paths_match_plain_model(model_id):
 
     spec = _need(model_id)
     img = np.random.default_rng(1).random((18, 23, 3)).astype(np.float32)
-    fast = GANPipeline(spec, device="cpu", num_threads=1)
-    plain = GANPipeline(spec, device="cpu", channels_last=False)
+    fast = GANPipeline(spec, device="cpu", dtype="fp32", num_threads=1)
+    plain = GANPipeline(spec, device="cpu", dtype="fp32", channels_last=False)
     before = torch.get_num_threads()
     a, b = fast(img, tile=0), plain(img, tile=0)
     assert torch.get_num_threads() == before

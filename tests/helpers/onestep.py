@@ -30,35 +30,37 @@ def sd_dir(root: Path = None) -> Path:
         return tiny_sd_dir(root)
 
 
-def pisa_pipeline(checkpoint: str = None, root: str = None):
-    """A PiSA-SR pipeline on the tiny fixture model (fp32, CPU), shared per (checkpoint, fixture folder)."""
+def pisa_pipeline(checkpoint: str = None, root: str = None, dtype: str = "fp32"):
+    """A PiSA-SR pipeline on the tiny fixture model (CPU, fp32 unless ``dtype``), shared per (checkpoint,
+    fixture folder, dtype)."""
     root = Path(root) if root else golden_dir()
-    return _pisa(str(Path(checkpoint or root / "pisa_sr.pkl").resolve()), str(sd_dir(root).resolve()))
+    return _pisa(str(Path(checkpoint or root / "pisa_sr.pkl").resolve()), str(sd_dir(root).resolve()), dtype)
 
 
-def osediff_pipeline(merge_lora: bool = True, checkpoint: str = None, root: str = None):
-    """An OSEDiff pipeline on the tiny fixture model (fp32, CPU), shared per (merged, checkpoint, folder)."""
+def osediff_pipeline(merge_lora: bool = True, checkpoint: str = None, root: str = None, dtype: str = "fp32"):
+    """An OSEDiff pipeline on the tiny fixture model (CPU, fp32 unless ``dtype``), shared per (merged,
+    checkpoint, folder, dtype)."""
     root = Path(root) if root else golden_dir()
     return _osediff(bool(merge_lora), str(Path(checkpoint or root / "osediff.pkl").resolve()),
-                    str(sd_dir(root).resolve()))
+                    str(sd_dir(root).resolve()), dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _pisa(ckpt: str, sd: str):
+def _pisa(ckpt: str, sd: str, dtype: str = "fp32"):
     from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
     from realisr.registry import get_spec
 
-    return PiSASRPipeline.from_spec(get_spec("pisa-sr"), device="cpu", dtype="fp32", sd=sd, checkpoint=ckpt)
+    return PiSASRPipeline.from_spec(get_spec("pisa-sr"), device="cpu", dtype=dtype, sd=sd, checkpoint=ckpt)
 
 
 @functools.lru_cache(maxsize=None)
-def _osediff(merge_lora: bool, ckpt: str, sd: str):
+def _osediff(merge_lora: bool, ckpt: str, sd: str, dtype: str = "fp32"):
     from realisr.pipelines.osediff.pipeline_osediff import OSEDiffPipeline
     from realisr.registry import get_spec
 
     # untagged: the golden cases record fixed prompts (a DAPE tagger in the user's REALISR_WEIGHTS must not
     # prepend its tags)
-    return OSEDiffPipeline.from_spec(get_spec("osediff"), device="cpu", dtype="fp32", sd=sd, checkpoint=ckpt,
+    return OSEDiffPipeline.from_spec(get_spec("osediff"), device="cpu", dtype=dtype, sd=sd, checkpoint=ckpt,
                                      merge_lora=merge_lora, tagger=None)
 
 

@@ -116,8 +116,11 @@ def add_arguments(p) -> None:
                    help="tile size in input pixels, >= 8; 0 disables tiling (default: chosen from free memory)")
     g.add_argument("--tile-pad", type=NON_NEGATIVE_INT, default=None, help="context around each tile in pixels")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: fp32 on CPU, half precision on CUDA where the model supports it")
+                   help="auto (default): half precision on CUDA where the model supports it; on a CPU with "
+                        "AMX-BF16 units bf16 for models with a tested bf16 bound; else fp32 (-v says why)")
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N",
+                   help="CPU threads (default: the physical cores available, or $OMP_NUM_THREADS)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
     g = p.add_argument_group("diffusion models (pisa-sr, osediff, ccsr, seesr)")
     g.add_argument("--sd", default=None,
@@ -239,6 +242,8 @@ def _settings(args, note, recipe=None):
     grid = parse_grid(args.lambda_grid) if args.lambda_grid else None
     diffusion = _uses_backbone(model_id)
     ctor = {}
+    if getattr(args, "threads", None) is not None:
+        ctor["num_threads"] = args.threads
     if args.sd is not None:
         if diffusion:
             ctor["sd"] = args.sd
@@ -266,6 +271,15 @@ def _settings(args, note, recipe=None):
         max_pixels=args.max_pixels, recipe=recipe.to_json() if recipe is not None else None)
 
 
+def _say_dtype(pipe, dtype: str, note, verbose: int) -> None:
+    """Say once which dtype ``--dtype auto`` chose (with ``-v`` the library's INFO log says it, with why)."""
+    if dtype != "auto" or verbose:
+        return
+    dt = str(pipe.dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+    hint = "--fp32 forces fp32" if dt != "fp32" else "-v says why"
+    note(f"{pipe.spec.id} on {pipe.device} in {dt} (--dtype auto; {hint})")
+
+
 def run(args) -> int:
     from realisr.batch import BatchRunner, plan_items, run_job
     from realisr.distributed.launch import ProcessGroup
@@ -276,6 +290,9 @@ def run(args) -> int:
     lead = group.rank == 0
     quiet = getattr(args, "quiet", False) or not lead  # one voice: rank 0 reports for everyone
     recipe = _apply_recipe(args) if getattr(args, "recipe", None) else None
+    from realisr.cpu import keep_freed_memory
+
+    keep_freed_memory()  # CPU inference re-allocates big activations per layer: reuse them, no page faults
 
     def note(msg: str) -> None:
         if not quiet:
@@ -306,7 +323,8 @@ def run(args) -> int:
         finally:
             progress.close()
         return _report(summary, settings.model, plan.out_root, quiet, "Ray workers")
-    runner = BatchRunner(settings, worker=group.worker_name)
+    runner = BatchRunner(settings, worker=group.worker_name,
+                         on_load=lambda pipe: _say_dtype(pipe, settings.dtype, note, getattr(args, "verbose", 0)))
     progress = TqdmProgress(disable=quiet)
     try:
         summary = run_job(plan.items, settings, plan.out_root, runner=runner, callback=progress,

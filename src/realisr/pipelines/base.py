@@ -26,7 +26,8 @@ from ..registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SRPipeline", "SROutput", "to_image_data", "resolve_device", "resolve_dtype", "resize_float"]
+__all__ = ["SRPipeline", "SROutput", "to_image_data", "resolve_device", "resolve_dtype", "choose_dtype",
+           "resize_float"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -156,26 +157,54 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def resolve_dtype(dtype, device, supported: tuple[str, ...] = ("float32",), prefer: str = "float16"):
-    """``"auto"`` -> float32 on CPU; on CUDA ``prefer`` (bf16 only where the GPU supports it) if the model
-    supports it, else float32. An explicit dtype must be one the model supports."""
+def resolve_dtype(dtype, device, supported: tuple[str, ...] = ("float32",), prefer: str = "float16",
+                  cpu_bf16_bound: Optional[float] = None):
+    """The torch dtype for ``dtype`` (see :func:`choose_dtype`, which also says why)."""
+    return choose_dtype(dtype, device, supported, prefer, cpu_bf16_bound)[0]
+
+
+def choose_dtype(dtype, device, supported: tuple[str, ...] = ("float32",), prefer: str = "float16",
+                 cpu_bf16_bound: Optional[float] = None, model: str = "the model"):
+    """``(torch dtype, why)`` for a requested dtype.
+
+    ``"auto"``: on CUDA ``prefer`` (bf16 only where the GPU supports it) if the model supports it, else float32;
+    on the CPU bf16 when the CPU has bf16 matrix units (:func:`realisr.cpu.cpu_info`) and the model declares
+    a tested bf16 bound (``cpu_bf16_bound``, the registry's ``bf16_psnr_db``), else float32; float32 elsewhere.
+    An explicit dtype must be one the model supports.
+
+    Raises:
+        ValueError: an unknown dtype, or one the model does not support.
+    """
     import torch
 
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, "requested"
     dev = torch.device(device)
     if dtype is None or dtype == "auto":
-        if dev.type != "cuda":
-            return torch.float32
-        if prefer == "bfloat16" and not torch.cuda.is_bf16_supported():
-            prefer = "float16"
-        return getattr(torch, prefer) if prefer in supported else torch.float32
+        if dev.type == "cuda":
+            if prefer == "bfloat16" and not torch.cuda.is_bf16_supported():
+                prefer = "float16"
+            if prefer in supported:
+                return getattr(torch, prefer), f"CUDA: {prefer} is supported by {model}"
+            return torch.float32, f"CUDA: {model} supports only {', '.join(supported)}"
+        if dev.type != "cpu":
+            return torch.float32, f"{dev.type}: fp32"
+        from .. import cpu
+
+        info = cpu.cpu_info()
+        if not info.bf16_units:
+            return torch.float32, (f"this CPU has no AMX-BF16 units (bf16 units: {info.units()}), where bf16 "
+                                   "measured slower than fp32")
+        if cpu_bf16_bound is None or "bfloat16" not in supported:
+            return torch.float32, f"the CPU has {info.units()} units, but {model} declares no tested bf16 bound"
+        return torch.bfloat16, (f"the CPU has {info.units()} units and {model}'s bf16 output stays >= "
+                                f"{cpu_bf16_bound:g} dB PSNR from its fp32 output (tested); --fp32 forces fp32")
     name = _DTYPES.get(str(dtype).lower())
     if name is None:
         raise ValueError(f"unknown dtype {dtype!r}: use auto, fp32, fp16 or bf16")
     if name not in supported:
         raise ValueError(f"this model supports {', '.join(supported)}, not {name}")
-    return getattr(torch, name)
+    return getattr(torch, name), "requested"
 
 
 def resize_float(x, size: tuple[int, int], mode: str = "bicubic"):
@@ -197,14 +226,42 @@ class SRPipeline:
     """
 
     spec: ModelSpec
+    #: the half dtype ``dtype="auto"`` prefers on CUDA
+    dtype_prefer = "float16"
     #: ``_upscale_rgb`` takes ``[N, 3, H, W]`` (same-size images) in one pass and returns ``[N, 3, sH, sW]``;
     #: per-image extras go to ``extras["per_image"]`` (a list of dicts). Otherwise a list is run image by image.
     supports_batch: bool = False
 
-    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+    def __init__(self, spec: ModelSpec, device=None, dtype=None, num_threads: Optional[int] = None):
         self.spec = spec
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device, spec.dtypes)
+        self.dtype, self.dtype_reason = choose_dtype(dtype, self.device, spec.dtypes, self.dtype_prefer,
+                                                     spec.bf16_psnr_db, model=spec.id)
+        if dtype is None or dtype == "auto":
+            logger.info("%s: %s on %s (dtype auto: %s)", spec.id, str(self.dtype).replace("torch.", ""),
+                        self.device, self.dtype_reason)
+        self.num_threads = num_threads
+
+    @property
+    def num_threads(self) -> Optional[int]:
+        """CPU threads during a call (``torch.set_num_threads``, restored afterwards). ``None`` (default):
+        PyTorch's setting, capped at the physical cores this process may use (:func:`realisr.cpu.default_threads`)."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"num_threads must be a positive integer or None, got {value!r}")
+        self._num_threads = value
+
+    def _threads(self) -> int:
+        import torch
+
+        if self._num_threads is not None:
+            return self._num_threads
+        from .. import cpu
+
+        return max(1, min(torch.get_num_threads(), cpu.default_threads()))
 
     # -- to implement -----------------------------------------------------------------------------------
     def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, **kwargs):
@@ -292,8 +349,15 @@ class SRPipeline:
             xs.append(x.expand(-1, 3, -1, -1) if greys[-1] else x)
         x = torch.cat(xs).contiguous() if len(xs) > 1 else xs[0].contiguous()
         extras: dict = {}
-        y = self._upscale_rgb(x, tile=tile, tile_pad=tile_pad, callback=callback, generator=generator,
-                              extras=extras, **kwargs)
+        threads, before = self._threads(), torch.get_num_threads()
+        if threads != before:
+            torch.set_num_threads(threads)
+        try:
+            y = self._upscale_rgb(x, tile=tile, tile_pad=tile_pad, callback=callback, generator=generator,
+                                  extras=extras, **kwargs)
+        finally:
+            if threads != before:
+                torch.set_num_threads(before)
         native_hw = (y.shape[-2], y.shape[-1])
         per_image = extras.pop("per_image", None)
         info_common = extras.pop("info", {})
@@ -302,7 +366,7 @@ class SRPipeline:
         for i, data in enumerate(datas):
             own = dict(per_image[i]) if per_image is not None else dict(extras)
             info = {"model": self.spec.id, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                    "seconds": seconds, "native_size": native_hw}
+                    "seconds": seconds, "native_size": native_hw, "threads": threads}
             if len(datas) > 1:
                 info["batch"] = len(datas)
             info.update(info_common)

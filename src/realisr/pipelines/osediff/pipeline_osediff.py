@@ -119,8 +119,8 @@ class OSEDiffPipeline(OneStepDiffusionPipeline, SRPipeline):
         super().__init__(spec, device=device, dtype=dtype)
         self.tagger = tagger
         self._init_dtypes(dtype)
-        self.unet = move_module(unet, self.device, self.dtype)
-        self.vae = move_module(vae, self.device, self.vae_dtype)
+        self.unet = move_module(unet, self.device, self.dtype, self.memory_format)
+        self.vae = move_module(vae, self.device, self.vae_dtype, self.memory_format)
         self.text_encoder = move_module(text_encoder, self.device, self.dtype)
         self.tokenizer = tokenizer
         self.scheduler = scheduler

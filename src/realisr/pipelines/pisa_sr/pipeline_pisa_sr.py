@@ -104,8 +104,8 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
     def __init__(self, spec, *, unet, vae, prompt_embeds, device=None, dtype=None):
         super().__init__(spec, device=device, dtype=dtype)
         self._init_dtypes(dtype)
-        self.unet = move_module(unet, self.device, self.dtype)
-        self.vae = move_module(vae, self.device, self.vae_dtype)
+        self.unet = move_module(unet, self.device, self.dtype, self.memory_format)
+        self.vae = move_module(vae, self.device, self.vae_dtype, self.memory_format)
         self.prompt_embeds = prompt_embeds.detach().to(self.device)
         self._fused = False
 
