@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu")
+    parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
+                                       "ea-adam, ea-adam-rrdb, ea-adam-tiny-cpu, realesrgan-fidelity")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -32,6 +33,16 @@ def make_trainer(cfg, callback=None):
     """The trainer for ``cfg.method`` (imports torch/diffusers)."""
     from realisr.errors import require
 
+    if cfg.method == "ea-adam":
+        require("accelerate", "train")
+        from realisr.train.trainer_ea_adam import EAAdamTrainer
+
+        return EAAdamTrainer(cfg, callback=callback)
+    if cfg.method == "realesrgan-fidelity":
+        require("accelerate", "train")
+        from realisr.train.trainer_fidelity import FidelityTrainer
+
+        return FidelityTrainer(cfg, callback=callback)
     for module in ("accelerate", "diffusers", "peft", "transformers"):
         require(module, "train")
     if cfg.method == "pisa-sr":
@@ -65,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     callback = _MainProcessOnly(TqdmProgress(disable=bool(getattr(args, "quiet", False))))
     summary = make_trainer(cfg, callback).train()
     if callback.enabled:
+        where = summary.get("checkpoint") or summary.get("delta") or summary.get("model")
         print(f"realisr train: {cfg.method} finished at step {summary['step']} "
-              f"({summary['steps_per_s']:.3g} steps/s); checkpoint: {summary['checkpoint']}")
+              f"({summary['steps_per_s']:.3g} steps/s); output: {where}")
     return 0
 
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_gan_descriptor", "load_spandrel_file", "converted_path", "SPANDREL_ARCH_IDS"]
 
 # Registry architecture names -> spandrel architecture ids.
-SPANDREL_ARCH_IDS = {"RRDBNet": "ESRGAN", "SRVGGNetCompact": "Compact"}
+SPANDREL_ARCH_IDS = {"RRDBNet": "ESRGAN", "SRVGGNetCompact": "Compact", "MSRResNet": "MSRResNet"}
 
 # Bump when the converter's output changes, so stale cache files are not reused.
 CONVERTER_VERSION = "1"
@@ -46,8 +46,10 @@ def _state_dict_from_safetensors(path: Path) -> dict:
 def _descriptor_from_state_dict(state_dict: dict, origin: str):
     import spandrel
 
+    from .spandrel_extra import extended_registry
+
     try:
-        desc = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
+        desc = spandrel.ModelLoader(device="cpu", registry=extended_registry()).load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError as e:
         raise CheckpointError(f"{origin}: not an architecture spandrel knows; use a supported SR checkpoint "
                               "(ESRGAN/Real-ESRGAN, SwinIR, HAT, ...)") from e
