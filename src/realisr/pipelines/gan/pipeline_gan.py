@@ -1,8 +1,16 @@
-"""Feed-forward SR networks (Real-ESRGAN, RealSR, any spandrel-supported checkpoint) with shared tiling."""
+"""Feed-forward SR networks (Real-ESRGAN, RealSR, any spandrel-supported checkpoint) with shared tiling.
+
+Models whose registry entry names a fidelity delta (``options["fidelity_delta"]``, e.g. Real-ESRGAN x4plus)
+take a ``fidelity`` dial in [0, 1]: the network runs with ``W(F) = W + F * delta`` (weight-space
+interpolation between the released GAN weights at F=0 and realisr's L1-tuned weights at F=1; one forward pass,
+no cost over the plain model). F=0 restores the released weights bit for bit. A per-pixel map runs one pass
+per level of a 0.25 grid that the map touches and blends neighbouring levels linearly per pixel.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 from ...registry import ModelSpec, WeightSource
@@ -37,6 +45,8 @@ class GANPipeline(SRPipeline):
     """
 
     default_tile_pad = 16
+    #: spacing of the fidelity levels a per-pixel fidelity map is rendered at (one forward pass per level used).
+    fidelity_map_step = 0.25
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
                  channels_last: bool = True, winograd: bool = False, compile: bool = False,
@@ -71,6 +81,48 @@ class GANPipeline(SRPipeline):
             self._call = torch.compile(self.model, options={"freezing": True})
         self.size_multiple = max(1, int(getattr(descriptor.size_requirements, "multiple_of", 1) or 1),
                                  spec.size_multiple)
+        self._compiled = bool(compile)
+        self._delta = None  # name -> float32 delta (loaded on first use of the dial)
+        self._base = None  # name -> the released weights of the tensors the delta touches
+        self._fidelity = 0.0
+
+    @property
+    def fidelity_available(self) -> bool:
+        """Whether this model has a fidelity dial (a registered delta)."""
+        return bool(self.spec.options.get("fidelity_delta"))
+
+    def set_fidelity(self, fidelity: float) -> None:
+        """Put ``W + fidelity * delta`` into the network (``0`` restores the released weights exactly).
+
+        Raises:
+            ValueError: the model has no dial, or ``fidelity`` is outside [0, 1].
+        """
+        import torch
+
+        f = float(fidelity)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"fidelity must be in [0, 1], got {fidelity!r}")
+        if f == self._fidelity:
+            return
+        if not self.fidelity_available:
+            raise ValueError(f"{self.spec.id} has no fidelity dial (only models with a fidelity delta, e.g. "
+                             "realesrgan-x4plus)")
+        if self._fast is not None or self._compiled:
+            raise ValueError("the fidelity dial needs the plain model: load it with winograd=False, compile=False")
+        params = dict(self.model.named_parameters())
+        if self._delta is None:
+            from ...weights.fidelity import load_delta
+
+            delta = load_delta(self.spec, {k: v.detach().float().cpu() for k, v in params.items()})
+            self._base = {k: params[k].detach().clone() for k in delta}
+            self._delta = {k: v.to(self.device) for k, v in delta.items()}
+        with torch.no_grad():
+            for k, base in self._base.items():
+                if f == 0.0:
+                    params[k].copy_(base)
+                else:
+                    params[k].copy_((base.float() + f * self._delta[k]).to(base.dtype))
+        self._fidelity = f
 
     @classmethod
     def from_file(cls, path, device=None, dtype=None, **kwargs) -> "GANPipeline":
@@ -94,8 +146,55 @@ class GANPipeline(SRPipeline):
             x = x.contiguous(memory_format=torch.channels_last)
         return self._call(x)
 
+    def check_inputs(self, image, outscale, tile, tile_pad, fidelity=0.0, **kwargs) -> None:
+        """Also validates ``fidelity``: a number or a per-pixel map (see :func:`realisr.pipelines.
+        diffusion_common.dial_to_latent`) with values in [0, 1]; non-zero only for models with a delta."""
+        super().check_inputs(image, outscale, tile, tile_pad, **kwargs)
+        if isinstance(fidelity, (int, float)) and not isinstance(fidelity, bool) and float(fidelity) == 0.0:
+            return
+        if not self.fidelity_available:
+            raise ValueError(f"{self.spec.id} has no fidelity dial (only models with a fidelity delta, e.g. "
+                             "realesrgan-x4plus)")
+        from ..diffusion_common import dial_to_latent
+
+        m = dial_to_latent(fidelity, (8, 8), name="fidelity")
+        lo, hi = (float(m), float(m)) if isinstance(m, float) else (float(m.min()), float(m.max()))
+        if lo < -1e-6 or hi > 1.0 + 1e-6:  # (resampling a 0/1 map may round a hair outside)
+            raise ValueError(f"fidelity must be in [0, 1], got values in [{lo:g}, {hi:g}]")
+
     def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
-                     **kwargs):
+                     fidelity=0.0, **kwargs):
+        """Upscale with the fidelity dial (a number: one pass at ``W + F * delta``; a map: one pass per grid
+        level it touches, blended per pixel)."""
+        import numpy as np
+
+        from ..diffusion_common import dial_to_latent
+
+        if isinstance(fidelity, (int, float, np.integer, np.floating)) and not isinstance(fidelity, bool):
+            self.set_fidelity(float(fidelity))
+            y = self._run(x, tile=tile, tile_pad=tile_pad, callback=callback, extras=extras)
+            extras["info"]["fidelity"] = float(fidelity)
+            return y
+        fmap = dial_to_latent(fidelity, (x.shape[-2] * self.scale, x.shape[-1] * self.scale), name="fidelity")
+        fmap = fmap.clamp(0.0, 1.0)
+        step = self.fidelity_map_step
+        lo = math.floor(float(fmap.min()) / step + 1e-9)
+        hi = math.ceil(float(fmap.max()) / step - 1e-9)
+        y = None
+        for j in range(lo, hi + 1):
+            level = min(1.0, j * step)
+            tent = (1.0 - (fmap - level).abs() / step).clamp_(min=0.0)  # piecewise-linear interpolation weights
+            if not bool((tent > 0).any()):
+                continue
+            self.set_fidelity(level)
+            out = self._run(x, tile=tile, tile_pad=tile_pad, callback=callback, extras=extras)
+            y = tent * out if y is None else y + tent * out
+        self.set_fidelity(0.0)
+        extras["info"]["fidelity"] = "map"
+        extras["info"]["fidelity_levels"] = [min(1.0, j * step) for j in range(lo, hi + 1)]
+        return y.clamp(0.0, 1.0)
+
+    def _run(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, extras):
         import torch
 
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
