@@ -130,3 +130,17 @@ def test_killed_run_resumes_to_the_same_result(run, data):
     b = load_official(resumed["model"], "srresnet")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "objectives.json").read_text()) == json.loads((out_ref / "objectives.json").read_text())
+
+
+def test_rrdb_population_fuses_and_merges_into_an_rrdbnet(data, tmp_path):
+    cfg = load_recipe("ea-adam-tiny-cpu", [
+        f"data.hq=[{data / 'hq'}]", f"output_dir={tmp_path / 'rrdb'}", "ea_adam.backbone=rrdb",
+        "ea_adam.backbone_kwargs={num_feat: 8, num_block: 1}", "ea_adam.popsize=3", "ea_adam.epochs=2",
+        "ea_adam.iters_per_epoch=2", "ea_adam.ea_iters=1", "fusion.iters_per_epoch=1", "merge.num=1"])
+    summary = EAAdamTrainer(cfg).train()
+    pipe = realisr.load_pipeline(summary["model"], device="cpu")
+    assert pipe.descriptor.architecture.id == "ESRGAN" and pipe.scale == 4
+    expert = torch.load(tmp_path / "rrdb" / "experts" / "expert_2.pt", weights_only=True)["model_state_dict"]
+    assert "body.0.rdb1.conv1.weight" in expert and "conv_body.weight" in expert  # BasicSR names
+    weights = json.loads((tmp_path / "rrdb" / "final" / "fusion_weights.json").read_text())
+    assert len(weights) == 1 + 15 + 1 + 4 and all(len(w) == 3 for w in weights.values())
