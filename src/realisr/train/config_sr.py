@@ -245,7 +245,7 @@ class FidelityConfig:
     model: str = "realesrgan-x4plus"
     train_blocks: int = 2
     num_patches: int = 256
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 4
     lr: float = 2e-4
     lr_min: float = 1e-5
