@@ -161,6 +161,27 @@ register(ModelSpec(
     dtypes=("float32", "bfloat16", "float16"),
     description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))
 
+# EA-Adam (TIP 2024) released models; users bring the files (Google Drive / Baidu of csslc/EA-Adam), see
+# docs/ea-adam.md. Any EA-Adam file also loads with `-m path`.
+_EA = "see csslc/EA-Adam (Apache-2.0 code; released weights)"
+_EA_URL = "https://github.com/csslc/EA-Adam (README: pretrained models, Google Drive / Baidu pwd 0930)"
+_EA_STATUS = {"weights_status": "realisr.weights.ea_adam:weights_status"}
+register(ModelSpec(
+    id="ea-adam-srresnet", family="ea-adam", scale=4, license=_EA,
+    weights=WeightSource("user", files=("EA-Adam-srresnet.pt",), url=_EA_URL),
+    pipeline=_GAN, arch="MSRResNet", dtypes=("float32", "bfloat16", "float16"), options=dict(_EA_STATUS),
+    description="EA-Adam (TIP'24) SRResNet: perception-distortion balanced, merged from an evolved population"))
+register(ModelSpec(
+    id="ea-adam-rrdb", family="ea-adam", scale=4, license=_EA,
+    weights=WeightSource("user", files=("EA-Adam-rrdb.pt",), url=_EA_URL),
+    pipeline=_GAN, arch="RRDBNet", dtypes=("float32", "bfloat16", "float16"), options=dict(_EA_STATUS),
+    description="EA-Adam (TIP'24) RRDB (ESRGAN backbone); save the release as EA-Adam-rrdb.pt"))
+register(ModelSpec(
+    id="ea-adam-swinir", family="ea-adam", scale=4, license=_EA,
+    weights=WeightSource("user", files=("final_model_swinIR_EAdam_195_42_x4_swinIR.pt",), url=_EA_URL),
+    pipeline=_GAN, arch="SwinIR", dtypes=("float32", "bfloat16"), options=dict(_EA_STATUS),
+    description="EA-Adam (TIP'24) lightweight SwinIR"))
+
 # One-step diffusion SR on SD-2.1-base; users bring the official checkpoint (see docs/weights.md).
 _DIFFUSION_DTYPES = ("float32", "bfloat16", "float16")
 register(ModelSpec(

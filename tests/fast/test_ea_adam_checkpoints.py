@@ -104,3 +104,20 @@ def test_official_model_dict_layouts():
     assert content["epoch"] == 3 and all(k.startswith("module.") for k in content["model_state_dict"])
     rr = official_model_dict(_tiny("rrdb").state_dict(), "rrdb")
     assert "conv_first.weight" in rr["model_state_dict"] and "epoch" not in rr
+
+
+def test_registered_release_is_found_in_the_weights_folder(tmp_path, monkeypatch, photo):
+    from realisr.errors import WeightsNotFoundError
+    from realisr.registry import get_spec
+    from realisr.weights.status import weights_status
+
+    monkeypatch.setenv("REALISR_WEIGHTS", str(tmp_path))
+    spec = get_spec("ea-adam-srresnet")
+    ok, why = weights_status(spec)
+    assert not ok and "EA-Adam-srresnet.pt not found" in why
+    with pytest.raises(WeightsNotFoundError, match="EA-Adam-srresnet.pt"):
+        realisr.load_pipeline("ea-adam-srresnet", device="cpu")
+    net, _ = _official_file(tmp_path, "srresnet")  # writes tmp_path/EA-Adam-srresnet.pt
+    assert weights_status(spec)[0]
+    out = realisr.load_pipeline("ea-adam-srresnet", device="cpu")(photo[:8, :8], tile=0)
+    assert out.pixels.shape == (32, 32, 3) and out.info["model"] == "ea-adam-srresnet"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["rrdb_to_basicsr", "rrdb_from_basicsr", "official_model_dict", "save_official", "load_official",
-           "official_state_dict", "backbone_of"]
+           "official_state_dict", "backbone_of", "find_released", "weights_status"]
 
 _OLD_TO_NEW = [
     (re.compile(r"^model\.0\."), "conv_first."),
@@ -180,3 +180,26 @@ def backbone_of(model) -> str:
     if name == "RRDBNet":
         return "rrdb"
     raise ValueError(f"EA-Adam trains MSRResNet or RRDBNet backbones, not {name}")
+
+
+def find_released(spec) -> Optional[Path]:
+    """The released EA-Adam file of a registry entry (``weights.files``) in
+    :func:`realisr.weights.cache.checkpoints_dir`, or ``None``."""
+    from .cache import checkpoints_dir
+
+    for name in spec.weights.files:
+        p = checkpoints_dir() / name
+        if p.is_file():
+            return p
+    return None
+
+
+def weights_status(spec) -> tuple[bool, str]:
+    """``(available, detail)`` of a released EA-Adam model (no loading)."""
+    from .cache import checkpoints_dir
+
+    p = find_released(spec)
+    if p is None:
+        return False, (f"{spec.weights.files[0]} not found in {checkpoints_dir()} (set REALISR_WEIGHTS or copy it "
+                       f"there; get it from {spec.weights.url}; or pass the file with -m)")
+    return True, str(p)

