@@ -121,3 +121,28 @@ def test_registered_release_is_found_in_the_weights_folder(tmp_path, monkeypatch
     assert weights_status(spec)[0]
     out = realisr.load_pipeline("ea-adam-srresnet", device="cpu")(photo[:8, :8], tile=0)
     assert out.pixels.shape == (32, 32, 3) and out.info["model"] == "ea-adam-srresnet"
+
+
+def test_perceptual_loss_reads_torchvision_vgg19_weights(tmp_path, monkeypatch):
+    from realisr.arch.vgg_arch import VGG19Features
+    from realisr.errors import WeightsNotFoundError
+    from realisr.train.losses_gan import load_perceptual_loss
+
+    monkeypatch.setenv("REALISR_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
+    with pytest.raises(WeightsNotFoundError, match="vgg19-dcbb9e9d.pth"):
+        load_perceptual_loss({"conv1_2": 1.0})
+    torch.manual_seed(0)
+    ref = VGG19Features(["conv1_2"], use_input_norm=False)  # torchvision's vgg19.features indices 0 and 2
+    state = {f"features.{k}": v for k, v in ref.features.state_dict().items()}
+    torch.save({**state, "classifier.6.bias": torch.zeros(1000)}, tmp_path / "vgg19-dcbb9e9d.pth")
+    loss = load_perceptual_loss({"conv1_2": 1.0})
+    x, y = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = (ref((x - mean) / std)["conv1_2"] - ref((y - mean) / std)["conv1_2"]).abs().mean()
+    assert torch.allclose(loss(x, y), want, atol=1e-6)  # L1 of features before ReLU, ImageNet-normalised input
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "vgg19-dcbb9e9d.pth")
+    with pytest.raises(CheckpointError, match="VGG19"):
+        load_perceptual_loss({"conv1_2": 1.0})

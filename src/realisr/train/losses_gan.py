@@ -23,7 +23,7 @@ __all__ = ["PerceptualLoss", "find_vgg19_weights", "load_perceptual_loss", "gan_
 
 logger = logging.getLogger(__name__)
 
-VGG19_WEIGHTS_NAME = "vgg19-dcbb9e9d.pth"
+VGG19_WEIGHTS_NAME = "vgg19-dcbb9e9d.pth"  # = realisr.weights.catalog.TRAINING_WEIGHTS["vgg19"].name
 
 
 class PerceptualLoss(nn.Module):
@@ -51,39 +51,32 @@ class PerceptualLoss(nn.Module):
         return sum(w * F.l1_loss(fx[k], fg[k]) for k, w in self.layer_weights.items())
 
 
-def _search_paths() -> list[Path]:
-    from realisr.weights.cache import checkpoints_dir
-
-    paths = [checkpoints_dir() / VGG19_WEIGHTS_NAME]
-    try:
-        paths.append(Path(torch.hub.get_dir()) / "checkpoints" / VGG19_WEIGHTS_NAME)
-    except Exception:  # pragma: no cover - torch.hub always has a dir
-        pass
-    return paths
-
-
 def find_vgg19_weights(path: Optional[str | os.PathLike] = None) -> Path:
     """Locate torchvision's ImageNet VGG19 weights without any download.
 
     Args:
-        path: an explicit file; otherwise ``$REALISR_WEIGHTS/vgg19-dcbb9e9d.pth``, then torch's hub cache
-            ``$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth``.
+        path: an explicit file; otherwise the catalog entry ``TRAINING_WEIGHTS["vgg19"]`` is looked for in
+            ``$REALISR_WEIGHTS`` and in torch's hub cache (``$TORCH_HOME/hub/checkpoints/``).
 
     Raises:
         WeightsNotFoundError: none of the places holds the file.
     """
+    from realisr.metrics.registry import find_weight_file, torch_hub_dir
+    from realisr.weights.cache import checkpoints_dir
+    from realisr.weights.catalog import TRAINING_WEIGHTS
+
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
             raise WeightsNotFoundError(f"VGG19 weights not found at {p}: fix loss.vgg_weights")
         return p
-    candidates = _search_paths()
-    for p in candidates:
-        if p.is_file():
-            return p
-    raise WeightsNotFoundError(
-        f"the perceptual loss needs torchvision's ImageNet weights '{VGG19_WEIGHTS_NAME}': copy it to "
-        f"{candidates[0]} or {candidates[-1]}, or set loss.vgg_weights")
+    wf = TRAINING_WEIGHTS["vgg19"]
+    found = find_weight_file(wf)
+    if found is None:
+        raise WeightsNotFoundError(
+            f"the perceptual loss needs torchvision's ImageNet weights '{wf.name}' ({wf.url}): copy it to "
+            f"{checkpoints_dir()} or {torch_hub_dir() / wf.hub_subdir}, or set loss.vgg_weights")
+    return found
 
 
 def load_perceptual_loss(layer_weights: dict[str, float], path: Optional[str | os.PathLike] = None
