@@ -182,3 +182,18 @@ def test_delta_trainer_resumes_exactly_and_the_delta_is_the_trained_model(photos
     img = photo[:16, :16]
     tr = GANPipeline(_spec(), device="cpu", descriptor=copy.deepcopy(trained.descriptor))
     assert np.abs(pipe(img, tile=0, fidelity=1.0).pixels - tr(img, tile=0).pixels).max() < 2e-3  # fp16 delta
+
+
+def test_lowpass_of_the_delta_objective_matches_scipy():
+    import math
+
+    from scipy.ndimage import gaussian_filter
+
+    from realisr.train.trainer_fidelity import gaussian_lowpass
+
+    x = torch.rand(1, 3, 20, 24, dtype=torch.float64)
+    sigma = 1.5
+    got = gaussian_lowpass(x, sigma)[0].numpy()
+    r = math.ceil(3 * sigma)
+    want = np.stack([gaussian_filter(x[0, c].numpy(), sigma, mode="mirror", truncate=r / sigma) for c in range(3)])
+    assert np.abs(got - want).max() < 1e-10

@@ -238,6 +238,11 @@ class FidelityConfig:
         lr: Adam learning rate (cosine decay to ``lr_min``).
         lr_min: final learning rate.
         l1: L1 weight (the fidelity objective).
+        objective: ``l1`` (plain L1 to the HQ) or ``lowpass-l1`` (L1 to the HQ on the low band, a Gaussian
+            blur of std ``sigma`` HQ pixels, plus ``texture`` x L1 to the base model's output on the rest: the
+            fidelity of structure and colour, the base model's texture; see docs/fidelity-dial.md).
+        sigma: std of the low-pass Gaussian (``lowpass-l1``).
+        texture: weight of the high-band term (``lowpass-l1``).
         delta_dtype: ``float16`` or ``float32`` storage of the delta.
         out: where to write the delta (``null``: ``<output_dir>/<model>-fidelity.safetensors``).
     """
@@ -250,6 +255,9 @@ class FidelityConfig:
     lr: float = 2e-4
     lr_min: float = 1e-5
     l1: float = 1.0
+    objective: str = "lowpass-l1"
+    sigma: float = 1.5
+    texture: float = 1.0
     delta_dtype: str = "float16"
     out: Optional[str] = None
 
@@ -269,6 +277,8 @@ class FidelityRecipe:
             raise RecipeError("recipe: data.crop_size must be divisible by data.scale")
         if f.train_blocks < 0 or f.num_patches < 1 or f.steps < 1 or f.batch_size < 1:
             raise RecipeError("recipe: fidelity.train_blocks >= 0, num_patches, steps and batch_size >= 1")
+        if f.objective not in ("l1", "lowpass-l1") or f.sigma <= 0 or f.texture < 0:
+            raise RecipeError("recipe: fidelity.objective must be l1 or lowpass-l1 (sigma > 0, texture >= 0)")
         if f.delta_dtype not in ("float16", "float32"):
             raise RecipeError("recipe: fidelity.delta_dtype must be float16 or float32")
         return self

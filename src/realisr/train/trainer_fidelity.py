@@ -15,6 +15,7 @@ drawn from a generator seeded by ``(seed, s)``), ``export`` (the delta file).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,11 +30,23 @@ from torch import nn
 from realisr.errors import RealisrError
 from realisr.progress import report
 
-__all__ = ["FidelityTrainer", "FidelityTail", "split_rrdbnet"]
+__all__ = ["FidelityTrainer", "FidelityTail", "split_rrdbnet", "gaussian_lowpass"]
 
 logger = logging.getLogger(__name__)
 
 _SHARD = 16  # patches per cache shard
+
+
+def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (std ``sigma`` pixels, radius ``ceil(3 sigma)``, reflect padding) per channel."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    c = x.shape[1]
+    y = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return torch.nn.functional.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 class FidelityTail(nn.Module):
@@ -200,6 +213,19 @@ class FidelityTrainer:
         parts = [load_file(str(p)) for p in shards]
         return {k: torch.cat([p[k] for p in parts]) for k in ("hq", "fea0", "h")}
 
+    @torch.no_grad()
+    def _base_outputs(self, data: dict) -> torch.Tensor:
+        """The base model's outputs on the cached patches (the texture target of ``lowpass-l1``), computed with
+        the released weights before any step (also after a resume)."""
+        model0 = copy.deepcopy(self.model)
+        model0.load_state_dict(self.base_state)
+        _, _, blocks0, tail0, _ = split_rrdbnet(model0, self.cfg.fidelity.train_blocks)
+        base = FidelityTail(blocks0, tail0).to(self.device).eval()
+        outs = []
+        for i in range(0, data["h"].shape[0], 8):
+            outs.append(base(data["fea0"][i:i + 8].to(self.device), data["h"][i:i + 8].to(self.device)).cpu())
+        return torch.cat(outs)
+
     # ------------------------------------------------------------------------------------------- train
     def _lr(self, step: int) -> float:
         f = self.cfg.fidelity
@@ -251,6 +277,8 @@ class FidelityTrainer:
         self.build_cache()
         t_cache = time.perf_counter() - t0
         data = self._load_cache()
+        if f.objective == "lowpass-l1":
+            data["gan"] = self._base_outputs(data)
         if cfg.train.resume:
             self.load_state(cfg.train.resume)
         n = data["hq"].shape[0]
@@ -264,7 +292,13 @@ class FidelityTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(self.step)
             out = self.net(fea0, h)
-            loss = f.l1 * (out - hq).abs().mean()
+            if f.objective == "l1":
+                loss = f.l1 * (out - hq).abs().mean()
+            else:  # structure and colour from the HQ, texture from the base model
+                gan = data["gan"][idx].to(self.device)
+                low = gaussian_lowpass(out, f.sigma)
+                loss = f.l1 * (low - gaussian_lowpass(hq, f.sigma)).abs().mean() \
+                    + f.texture * ((out - low) - (gan - gaussian_lowpass(gan, f.sigma))).abs().mean()
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self.optimizer.step()
