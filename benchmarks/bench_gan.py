@@ -13,9 +13,8 @@ shared machine even when absolute times are not.
 
 Variants: ``ncnn`` (the ncnn runtime, fp32: no Vulkan, no fp16/bf16 storage or arithmetic), ``eager``
 (our pipeline with the plain spandrel model, NCHW fp32), ``channels_last`` (plain model, channels-last),
-``winograd`` (the pipeline's CPU default: Winograd RRDBNet forward, fp32), ``compile`` (torch.compile,
-inductor with freezing; not in the default list: compiling takes minutes), ``bf16`` (only where the CPU
-has avx512_bf16 or AMX).
+``compile`` (torch.compile, inductor with freezing; not in the default list: compiling takes minutes),
+``bf16`` (only where the CPU has avx512_bf16 or AMX).
 
 Measured 2026-11-26 on a 2-core AMD EPYC (AVX2, no AVX-512/bf16) shared with other jobs (load 3-14, so
 absolute times drift; compare rows of one block), realesrgan-x4plus, 1 thread, s/img (x ncnn):
@@ -26,6 +25,8 @@ absolute times drift; compare rows of one block), realesrgan-x4plus, 1 thread, s
     256->1024   43.0-45.9       51.25 (1.12-1.19)        -              -             2915 / 597
     256->1024*  100.4           90.91 (0.91)             145.16 (1.45)  103.83 (1.03) 2929 / 674   (*load ~12)
 
+The ``winograd`` column was a hand-written Winograd RRDBNet forward: no faster than channels-last and twice
+its working memory, so it was removed.
 2 threads on this shared CPU were ~3x slower than 1 for both ncnn and PyTorch (contended OpenMP threads).
 torch.compile (inductor, freezing) at 64 px: ~0.84x eager, after 844 s of compiling.
 """
@@ -40,9 +41,9 @@ import subprocess
 import sys
 import time
 
-ALL_VARIANTS = ["ncnn", "eager", "channels_last", "winograd", "compile", "bf16"]
+ALL_VARIANTS = ["ncnn", "eager", "channels_last", "compile", "bf16"]
 # torch.compile of RRDBNet takes many minutes on a small CPU: measured only when asked for.
-DEFAULT_VARIANTS = ["ncnn", "eager", "channels_last", "winograd", "bf16"]
+DEFAULT_VARIANTS = ["ncnn", "eager", "channels_last", "bf16"]
 
 
 def _rss_mib() -> float:
@@ -104,15 +105,13 @@ def worker(variant: str, model_id: str, size: int, threads: int, repeats: int) -
 
         kwargs: dict = {"device": "cpu", "num_threads": threads}
         if variant == "eager":
-            kwargs.update(channels_last=False, winograd=False)
+            kwargs.update(channels_last=False)
         elif variant == "channels_last":
-            kwargs.update(channels_last=True, winograd=False)
-        elif variant == "winograd":
-            kwargs.update(winograd=True)
+            kwargs.update(channels_last=True)
         elif variant == "compile":
-            kwargs.update(compile=True, winograd=False)
+            kwargs.update(compile=True)
         elif variant == "bf16":
-            kwargs.update(dtype="bf16", winograd=False, channels_last=True)
+            kwargs.update(dtype="bf16", channels_last=True)
         pipe = realisr.load_pipeline(model_id, **kwargs)
 
         def run():

@@ -1,4 +1,5 @@
-"""One-step diffusion SR benchmark: PiSA-SR (default, adjustable, re-dial) and OSEDiff against a plain reference.
+"""One-step diffusion SR benchmark: PiSA-SR (default, adjustable, re-dial), OSEDiff and CCSR (one-step,
+two-step) against a plain reference.
 
 Full-size SD-2.1-base-shaped models with random weights, built from configs (no download): the UNet
 (865.9 M parameters), the VAE, and random prompt embeddings ``[1, 77, 1024]`` in place of the text encoder
@@ -17,6 +18,10 @@ Rows (``--size 512``: a 128x128 LQ, bicubic x4, 64x64 latents; whole calls, pre/
   once (a stand-in text encoder returns the random embeddings); if that pipeline API is missing, the
   equivalent operations are timed directly (marked ``[direct ops]``): VAE encoder with the merged encoder
   LoRA, UNet at t=999, the x0 step, VAE decode, AdaIN colour fix.
+* ``ccsr one-step`` / ``ccsr two-step``: ``CCSRPipeline`` with a random SD-2.1-base-shaped CCSR ControlNet
+  (``CCSRControlNetModel.from_unet``: the UNet's encoder half plus ``condition_conv_in``), the presets as
+  released: one network evaluation (UNet + ControlNet, batch 1) / two (the second with CFG, batch 2); the
+  posterior-sampled condition latent, the LR-embedded start and the AdaIN colour fix included.
 
 Seconds are the median of ``--repeats`` runs after ``--warmup`` runs. Peak memory: CUDA
 ``max_memory_allocated`` per row; CPU the process's peak RSS *during* the row (sampled every 2 ms) minus its
@@ -51,7 +56,7 @@ VAE_CONFIG = dict(  # stabilityai/stable-diffusion-2-1-base vae/config.json
     block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4, sample_size=768, scaling_factor=0.18215)
 SCALE = 4
-ALPHA_BAR_999 = 0.0046601  # SD scaled_linear schedule, t=999 (docs/reference/pisa-sr-and-osediff.md 1.2)
+ALPHA_BAR_999 = 0.0046601  # SD scaled_linear schedule, t=999 (docs/pisa-sr-osediff.md)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -367,6 +372,37 @@ def osediff_rows(args, device, dtypes, img, embeds):
     return rows
 
 
+def ccsr_rows(args, device, dtypes, img, embeds):
+    """CCSR-v2 through ``CCSRPipeline``: the one-step and two-step presets."""
+    import torch
+
+    from realisr.arch.ccsr_controlnet_arch import CCSRControlNetModel
+    from realisr.pipelines.ccsr.pipeline_ccsr import CCSRPipeline
+    from realisr.registry import get_spec
+
+    unet, vae = build_unet(), build_vae()
+    controlnet = CCSRControlNetModel.from_unet(unet).eval().requires_grad_(False)
+    with torch.no_grad():  # from_unet leaves the zero convolutions at zero: give the control path real values
+        g = torch.Generator().manual_seed(1)
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    spec = get_spec("ccsr")
+    rows = []
+    for name in dtypes:
+        pipe = CCSRPipeline.from_components(spec, unet=unet, controlnet=controlnet, vae=vae,
+                                            text_encoder=_fixed_text_encoder(embeds), tokenizer=_FixedTokenizer(),
+                                            scheduler=_sd_scheduler(), device=device, dtype=DTYPES[name])
+        for preset, note in (("one-step", "pipeline, 1 evaluation (UNet + ControlNet)"),
+                             ("two-step", "pipeline, 2 evaluations, the 2nd with CFG (batch 2)")):
+            gen = torch.Generator().manual_seed(0)
+            s, peak, extra, _ = measure(lambda: pipe(img, preset=preset, process_size=args.size, generator=gen),
+                                        device, args.warmup, args.repeats)
+            rows.append((f"ccsr {preset}", name, s, peak, extra, note))
+            print(f"  ccsr {preset} {name}: {s:.3f} s", file=sys.stderr, flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------------
 def print_table(rows, device, args):
     ref = {r[1]: r[2] for r in rows if r[0].startswith("reference")}
@@ -404,7 +440,8 @@ def main(argv=None):
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode (reduce-overhead: CUDA graphs, no per-kernel launch cost)")
-    p.add_argument("--rows", default="reference,pisa,osediff", help="comma list of reference,pisa,osediff")
+    p.add_argument("--rows", default="reference,pisa,osediff,ccsr",
+                   help="comma list of reference,pisa,osediff,ccsr")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.quick:
@@ -441,6 +478,8 @@ def main(argv=None):
         rows += pisa_rows(args, device, dtypes, img, embeds)
     if "osediff" in which:
         rows += osediff_rows(args, device, dtypes, img, embeds)
+    if "ccsr" in which:
+        rows += ccsr_rows(args, device, dtypes, img, embeds)
     print_table(rows, device, args)
     print(f"total wall time {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")

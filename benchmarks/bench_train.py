@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO.parent / "shared" / "fixtures" / "golden"))
+GOLDEN = Path(os.environ.get("REALISR_GOLDEN_DIR", REPO / "tests" / "fixtures" / "golden"))  # the vendored set
 
 # SD-2.1-base shapes (stabilityai/stable-diffusion-2-1-base configs)
 SD21_UNET = dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),

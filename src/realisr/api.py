@@ -14,8 +14,9 @@ __all__ = ["load_pipeline", "upscale", "list_models", "resolve_model_id", "OFFLI
 OFFLINE_DEFAULT = "realesrgan-x4plus"
 
 
-def resolve_model_id(model: str) -> str:
-    """Resolve ``"auto"``: ``pisa-sr`` when its weights are found locally, else the offline GAN default."""
+def resolve_model_id(model: str, sd=None) -> str:
+    """Resolve ``"auto"``: ``pisa-sr`` when its checkpoint and SD backbone are found locally (``sd``: the
+    backbone given with ``--sd``; default ``REALISR_SD``, then the HF cache), else the offline GAN default."""
     if model != "auto":
         return model
     from .registry import REGISTRY
@@ -23,7 +24,7 @@ def resolve_model_id(model: str) -> str:
     if "pisa-sr" in REGISTRY:
         from .weights.status import weights_status
 
-        ok, _why = weights_status(REGISTRY["pisa-sr"])
+        ok, _why = weights_status(REGISTRY["pisa-sr"], sd=sd)
         if ok:
             return "pisa-sr"
     return OFFLINE_DEFAULT
@@ -34,7 +35,8 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
 
     Args:
         model: a registry id (see ``realisr models``), ``"auto"``, or a path to a checkpoint (any
-            spandrel-supported ``.pth``/``.safetensors``, or an official ``.pkl`` of a diffusion method).
+            spandrel-supported ``.pth``/``.safetensors``, an official ``.pkl`` of a diffusion method, or a
+            CCSR release folder holding ``controlnet/`` and ``vae/``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: the best available).
         dtype: ``"auto"`` (fp32 on CPU, half precision on CUDA where safe), ``"fp32"``, ``"fp16"``, ``"bf16"``.
         **kwargs: passed to the pipeline's constructor (e.g. ``sd=`` for diffusion pipelines).
@@ -46,10 +48,15 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
         UnknownModelError: neither a registered id nor an existing file.
         WeightsNotFoundError: the weights are not available here (the message says how to get them).
     """
-    model_id = resolve_model_id(str(model))
+    model_id = resolve_model_id(str(model), sd=kwargs.get("sd"))
     path = Path(model_id).expanduser()
     from .registry import REGISTRY
 
+    if model_id not in REGISTRY and path.is_dir() and (path / "controlnet").is_dir():
+        from .weights.ccsr import folder_version
+
+        spec = get_spec("ccsr-v1" if folder_version(path) == "v1" else "ccsr")  # a CCSR release folder
+        return spec.pipeline_class().from_spec(spec, device=device, dtype=dtype, weights=str(path), **kwargs)
     if model_id not in REGISTRY and path.suffix and path.exists():
         from .weights.official import is_official_safetensors
 
@@ -67,9 +74,47 @@ def load_pipeline(model: str = "auto", *, device=None, dtype=None, **kwargs):
     return spec.pipeline_class().from_spec(spec, device=device, dtype=dtype, **kwargs)
 
 
+def _loader_arguments(model: str, sd=None) -> set:
+    """Names ``load_pipeline(model, ...)`` takes (the pipeline's ``from_spec`` and constructor arguments)."""
+    import inspect
+
+    from .registry import REGISTRY, get_spec
+
+    model_id = resolve_model_id(str(model), sd=sd)
+    if model_id in REGISTRY:
+        classes = [REGISTRY[model_id].pipeline_class()]
+    else:
+        path = Path(model_id).expanduser()
+        from .weights.official import is_official_safetensors
+
+        if path.suffix.lower() == ".pkl" or is_official_safetensors(path):
+            classes = [get_spec(m).pipeline_class() for m in ("pisa-sr", "osediff") if m in REGISTRY]
+        else:
+            from .pipelines.gan.pipeline_gan import GANPipeline
+
+            classes = [GANPipeline]
+    names = {"device", "dtype"}
+    for cls in classes:
+        for fn in (cls.from_spec, cls.__init__):
+            for prm in inspect.signature(fn).parameters.values():
+                if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD) and prm.name not in ("self", "spec"):
+                    names.add(prm.name)
+    return names
+
+
 def upscale(image, model: str = "auto", **kwargs):
-    """One-shot convenience: ``load_pipeline(model)(image, **kwargs)``. Prefer keeping the pipeline for
-    several images."""
-    call_keys = {"outscale", "tile", "tile_pad", "callback", "generator"}
-    call = {k: kwargs.pop(k) for k in list(kwargs) if k in call_keys}
-    return load_pipeline(model, **kwargs)(image, **call)
+    """One-shot convenience: load the pipeline and call it once. Prefer keeping the pipeline for several images.
+
+    Args:
+        image: as for a pipeline call.
+        model: as for :func:`load_pipeline`.
+        **kwargs: loading arguments (``device``, ``dtype``, ``sd``, ``checkpoint``, ...) go to
+            :func:`load_pipeline`; everything else (``outscale``, ``tile``, ``lambda_pix``, ``prompt``, ...) to
+            the call, e.g. ``realisr.upscale(img, "pisa-sr", lambda_pix=0.5)``.
+
+    Returns:
+        :class:`~realisr.pipelines.base.SROutput`.
+    """
+    load_keys = _loader_arguments(model, kwargs.get("sd"))
+    load = {k: kwargs.pop(k) for k in list(kwargs) if k in load_keys}
+    return load_pipeline(model, **load)(image, **kwargs)

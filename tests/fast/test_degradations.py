@@ -29,8 +29,9 @@ from realisr.train.degradations.kernels import KERNEL_TYPES
 PI = math.pi
 KPROB = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
 
-# The official values, typed in from ../shared/docs/reference (pisa-sr-and-osediff.md 2.3,
-# ccsr-seesr-ea-adam.md 1.8 and 2.3). Keys: (sigma1, betag1, betap1, resize_range1, noise1, poisson1, jpeg1,
+# The official values, typed in from the official configs (PiSA-SR src/datasets/params.yml, OSEDiff
+# params_realesrgan.yml, CCSR params_ccsr.yml, SeeSR utils_data/make_paired_data.py; the table "Presets" in
+# docs/degradations.md). Keys: (sigma1, betag1, betap1, resize_range1, noise1, poisson1, jpeg1,
 # second_blur_prob, sigma2, betag2, betap2, resize_range2, noise2, poisson2, jpeg2, usm)
 OFFICIAL = {
     "pisa-sr": ((0.2, 3), (0.5, 4), (1, 2), (0.3, 1.5), (1, 15), (0.05, 2.0), (60, 95),
@@ -479,8 +480,11 @@ def test_cli_degrade_writes_lq_and_grid(tmp_path):
     for name in files:
         assert np.array_equal(np.array(Image.open(out1 / name)), np.array(Image.open(out2 / name)))
     assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "nope"]) == 1
-    # existing outputs are refused without --overwrite; a too small image is a one-line user error
-    assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "pisa-sr"]) == 1
+    # existing outputs are skipped without --overwrite (as `realisr upscale`: a rerun resumes); a too small image
+    # is a one-line user error
+    stamp = {p.name: p.stat().st_mtime_ns for p in out2.iterdir()}
+    assert main(["-q", "degrade", "-i", str(hq_dir), "-o", str(out2), "--preset", "pisa-sr", "--seed", "5"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out2.iterdir()} == stamp
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
     assert main(["-q", "degrade", "-i", str(tmp_path / "tiny.png"), "-o", str(tmp_path / "t")]) == 1
 

@@ -6,6 +6,8 @@ never by the code under test, when they are the input of a read test.
 
 from __future__ import annotations
 
+import functools
+
 import io
 import logging
 import os
@@ -59,7 +61,9 @@ def raw_png_u16(arr: np.ndarray, extra: bytes = b"") -> bytes:
     return raw_png(w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], rows, extra)
 
 
+@functools.lru_cache(maxsize=None)
 def srgb_icc() -> bytes:
+    """One sRGB profile per session: a new one carries the current time, so two calls can differ."""
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 

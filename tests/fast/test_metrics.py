@@ -37,9 +37,9 @@ def _psnr_reference(x, y, border):
     return 10 * np.log10(255.0 ** 2 / mse)
 
 
-def _ssim_reference(x, y, border):
+def _ssim_reference(x, y, border, clamp_cs=False):
     """Wang et al. 2004: 11x11 Gaussian window (sigma 1.5) as a 2-D array, explicit local statistics over
-    every fully-contained window, mean of the SSIM map."""
+    every fully-contained window, mean of the SSIM map (pyiqa: contrast-structure term clamped at 0)."""
     if border:
         x, y = x[border:-border, border:-border], y[border:-border, border:-border]
     c = np.arange(11) - 5.0
@@ -53,7 +53,10 @@ def _ssim_reference(x, y, border):
     vy = (w * (wy - my[..., None, None]) ** 2).sum(axis=(-2, -1))
     cxy = (w * (wx - mx[..., None, None]) * (wy - my[..., None, None])).sum(axis=(-2, -1))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    cs = (2 * cxy + c2) / (vx + vy + c2)
+    if clamp_cs:
+        cs = np.maximum(cs, 0)
+    s = (2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1) * cs
     return s.mean()
 
 
@@ -83,11 +86,32 @@ def test_psnr_ssim_y_match_published_formulas_on_real_photos(border):
     for name, sr, hq in _pairs():
         ref_psnr = _psnr_reference(_y_reference(sr), _y_reference(hq), border)
         ref_ssim = _ssim_reference(_y_reference(sr), _y_reference(hq), border)
+        # the papers' (pyiqa) convention: Y rounded to integers, contrast-structure map clamped at 0
+        ref_ssim_pyiqa = _ssim_reference(np.round(_y_reference(sr)), np.round(_y_reference(hq)), border, True)
         assert abs(psnr_y(sr, hq, border) - ref_psnr) < 1e-4, name
-        assert abs(ssim_y(sr, hq, border) - ref_ssim) < 1e-5, name
+        assert abs(ssim_y(sr, hq, border, convention="basicsr") - ref_ssim) < 1e-5, name
+        assert abs(ssim_y(sr, hq, border) - ref_ssim_pyiqa) < 1e-5, name
+        assert create_metric("ssim", border=border)(sr, hq) == ssim_y(sr, hq, border)
+        assert create_metric("ssim-basicsr", border=border)(sr, hq) == ssim_y(sr, hq, border, convention="basicsr")
         # float [0, 1] input (what pipelines return) gives the same numbers as uint8
         assert abs(psnr_y(sr / 255.0, hq.astype(np.float32) / 255, border) - ref_psnr) < 1e-4
         assert 15 < ref_psnr < 45 and 0.3 < ref_ssim < 1.0
+
+
+def test_default_ssim_is_pyiqas_ycbcr_ssim_the_papers_ran():
+    """OSEDiff/PiSA-SR/SeeSR/CCSR report pyiqa ssim(test_y_channel=True, color_space='ycbcr')."""
+    pyiqa = pytest.importorskip("pyiqa", reason="pyiqa (the papers' metric tool) is not installed")
+    import torch
+
+    ref_metric = pyiqa.create_metric("ssim", test_y_channel=True, color_space="ycbcr", device="cpu")
+    gaps = []
+    for name, sr, hq in _pairs():
+        def t(a):
+            return torch.from_numpy(a.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        theirs = float(ref_metric(t(sr), t(hq)))
+        assert abs(ssim_y(sr, hq) - theirs) < 2e-5, name
+        gaps.append(abs(ssim_y(sr, hq, convention="basicsr") - theirs))
+    assert max(gaps) > 2e-4  # the convention matters at the 4 decimals papers print
 
 
 def test_psnr_ssim_registry_objects_and_edge_cases(photo):
@@ -104,31 +128,53 @@ def test_psnr_ssim_registry_objects_and_edge_cases(photo):
     assert psnr(photo, photo[..., ::-1].copy()) < 40
 
 
-@pytest.fixture(scope="module")
-def niqe_setup(tmp_path_factory):
-    """The parameters as a user gets them: found locally, else fetched from the basicsr sdist with pip."""
-    from realisr.metrics.niqe import find_niqe_parameters, niqe_parameters
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REALISR_CACHE", str(tmp_path_factory.mktemp("niqe-cache")))
-        try:
-            params = niqe_parameters(fetch=True)
-        except Exception as e:  # no PyPI here
-            if __import__("os").environ.get("CI") == "true":
-                raise
-            pytest.skip(f"NIQE parameters not available and not fetchable: {e}")
-        return params, find_niqe_parameters()
+# The official MATLAB NIQE values (original release script on rgb2gray) of pyiqa's five calibration images, as
+# pyiqa 0.1.16 records them in ResultsCalibra/results_official.csv (row "niqe"; the sdist on PyPI has the CSV).
+OFFICIAL_NIQE = {"I03": 15.7536293917814, "I04": 3.65492152353770, "I06": 3.23547743716998,
+                 "I08": 3.18403333858339, "I19": 8.63519663862637}
 
 
-@pytest.fixture(scope="module")
-def niqe_params(niqe_setup):
-    return niqe_setup[0]
+def _calibration_images() -> dict:
+    """pyiqa's calibration images (TID2013 distortions of Kodak photos, not redistributable here): the pyiqa
+    wheel installs them as ``site-packages/ResultsCalibra/dist_dir/*.bmp``."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("pyiqa") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("pyiqa is not installed: its wheel carries the NIQE calibration images "
+                    "(pip install --no-deps pyiqa==0.1.16)")
+    found = {f.stem: Path(f.locate()) for f in files if "ResultsCalibra/dist_dir" in str(f).replace("\\", "/")}
+    if set(found) < set(OFFICIAL_NIQE):
+        pytest.skip(f"the installed pyiqa lacks ResultsCalibra/dist_dir (found {sorted(found)})")
+    return found
 
 
-def test_niqe_reproduces_basicsr_reference_values(niqe_params):
+def test_niqe_matches_the_official_matlab_values_on_pyiqa_calibration_images():
+    """The default NIQE (MATLAB rgb2gray convention, the papers') is within 1% of the official MATLAB script."""
+    from PIL import Image
+
+    from realisr.metrics import niqe
+
+    images = _calibration_images()
+    metric = create_metric("niqe")
+    basicsr_y = create_metric("niqe-y")
+    worst_y = 0.0
+    for name, official in OFFICIAL_NIQE.items():
+        rgb = np.asarray(Image.open(images[name]).convert("RGB"))
+        ours = metric(rgb)
+        assert abs(ours - official) / official < 0.01, (name, ours, official)
+        assert niqe(rgb) == ours  # the function and the registry metric are the same computation
+        worst_y = max(worst_y, abs(basicsr_y(rgb) - official) / official)
+    # BasicSR's Y-of-YCbCr variant is kept as a named metric; it is the one that is several percent off
+    assert worst_y > 0.03
+
+
+def test_niqe_reproduces_basicsr_reference_values():
+    """Both conventions against basicsr's own calculate_niqe (tests/data/make_niqe_reference.py)."""
     import skimage.data
 
-    from realisr.metrics.niqe import niqe
+    from realisr.metrics import niqe
 
     ref = json.loads((DATA / "niqe_reference.json").read_text())
     assert "basicsr" in ref["source"] and "pip download basicsr==1.4.2" in ref["command"]
@@ -137,22 +183,76 @@ def test_niqe_reproduces_basicsr_reference_values(niqe_params):
         if img.ndim == 2:
             img = np.stack([img] * 3, axis=2)
         want = ref["values"][name]
-        assert abs(niqe(img, params=niqe_params) - want["niqe_y"]) < 1e-3, name
-        assert abs(niqe(img, border=4, params=niqe_params) - want["niqe_y_crop4"]) < 1e-3, name
+        assert abs(niqe(img, convert_to="y") - want["niqe_y"]) < 1e-6, name
+        assert abs(niqe(img, border=4, convert_to="y") - want["niqe_y_crop4"]) < 1e-6, name
+        assert abs(niqe(img) - want["niqe_gray"]) < 1e-6, name
+        assert abs(niqe(img, border=4) - want["niqe_gray_crop4"]) < 1e-6, name
     # float input in [0, 1] is the same image
     img = skimage.data.chelsea()
-    assert abs(niqe(img.astype(np.float32) / 255, params=niqe_params) - ref["values"]["chelsea"]["niqe_y"]) < 1e-3
+    assert abs(niqe(img.astype(np.float32) / 255) - ref["values"]["chelsea"]["niqe_gray"]) < 1e-6
+    assert abs(niqe(img.astype(np.float32) / 255, convert_to="y") - ref["values"]["chelsea"]["niqe_y"]) < 1e-6
     with pytest.raises(ValueError, match="96x96"):
-        niqe(img[:90, :200], params=niqe_params)
+        niqe(img[:90, :200])
+    with pytest.raises(ValueError, match="convert_to"):
+        niqe(img, convert_to="yiq")
 
 
-def test_niqe_parameters_are_verified_npz(niqe_setup):
-    from realisr.metrics.niqe import NIQE_NPZ_SHA256
+def test_niqe_parameters_ship_with_realisr_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    """No pip, no socket: the official parameters are package data (or a file the user names)."""
+    import shutil
+    import socket
+    import subprocess
+
+    import skimage.data
+
+    from realisr.errors import WeightsNotFoundError
+    from realisr.metrics import niqe_core
     from realisr.weights.cache import sha256_file
 
-    (mu, cov, window), path = niqe_setup
-    assert mu.shape == (1, 36) and cov.shape == (36, 36) and window.shape == (7, 7)
-    assert sha256_file(path) == NIQE_NPZ_SHA256
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"NIQE tried to run or reach something: {args[:2]}")
+
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+    monkeypatch.setenv("REALISR_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("REALISR_WEIGHTS", str(tmp_path / "empty-weights"))
+    monkeypatch.delenv("REALISR_NIQE_PARAMS", raising=False)
+    niqe_core._load_npz.cache_clear()
+    path = niqe_core.find_niqe_parameters()
+    assert path.parent.name == "data" and path.parent.parent.name == "metrics"
+    assert sha256_file(path) == niqe_core.NIQE_NPZ_SHA256
+    assert "BasicSR 1.4.2" in (path.parent / "NOTICE").read_text() and "LIVE" in (path.parent / "NOTICE").read_text()
+    assert metric_status("niqe").available
+    img = skimage.data.chelsea()
+    score = create_metric("niqe")(img)
+    assert 1 < score < 10
+    # a file the user names replaces the shipped one; a wrong name is a clear error, not a fetch
+    mine = tmp_path / "mine.npz"
+    shutil.copy(path, mine)
+    monkeypatch.setenv("REALISR_NIQE_PARAMS", str(mine))
+    assert niqe_core.find_niqe_parameters() == mine
+    assert create_metric("niqe")(img) == score
+    monkeypatch.setenv("REALISR_NIQE_PARAMS", str(tmp_path / "missing.npz"))
+    with pytest.raises(WeightsNotFoundError, match="REALISR_NIQE_PARAMS"):
+        niqe_core.niqe_parameters()
+    assert not metric_status("niqe").available
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_from_realisr_metrics_import_niqe_is_the_function():
+    import importlib
+
+    import realisr.metrics as m
+
+    importlib.reload(m)
+    from realisr.metrics import niqe
+
+    assert callable(niqe) and niqe.__name__ == "niqe" and "niqe" in m.__all__
+    core = importlib.import_module("realisr.metrics.niqe_core")  # importing the module must not rebind the name
+    from realisr.metrics import niqe as again
+
+    assert again is niqe is core.niqe
 
 
 def test_g_std_and_l_std_follow_ccsr():
@@ -172,7 +272,8 @@ def test_g_std_and_l_std_follow_ccsr():
 
 
 def test_every_metric_declares_its_conventions():
-    assert {"psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa", "clipiqa"} <= set(METRICS)
+    assert {"psnr", "ssim", "ssim-basicsr", "lpips", "dists", "fid", "niqe", "niqe-y", "musiq", "maniqa",
+            "clipiqa"} <= set(METRICS)
     for spec in list_metrics():
         assert spec.kind in ("full-reference", "no-reference", "set")
         assert spec.color_space and spec.data_range and spec.convention and spec.license

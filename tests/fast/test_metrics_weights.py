@@ -17,8 +17,31 @@ from realisr.metrics import create_metric, metric_status  # noqa: E402
 def weights_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("REALISR_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch hub: no cached backbones
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.get_dir() follows TORCH_HOME again
     (tmp_path / "weights").mkdir()
     return tmp_path / "weights"
+
+
+@pytest.fixture()
+def unpickling(monkeypatch):
+    """Every ``torch.load`` call made while the metric is built, with its ``weights_only`` argument."""
+    calls = []
+    real = torch.load
+
+    def recording(f, *args, **kwargs):
+        calls.append((str(f), kwargs.get("weights_only", "default")))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    return calls
+
+
+def _nothing_written_outside_the_weights(weights_dir):
+    """The torch hub and the Hugging Face cache stay empty: nothing is linked, copied or downloaded there."""
+    root = weights_dir.parent
+    written = [p for d in ("torch", "hf") for p in (root / d).rglob("*") if (root / d).exists()]
+    assert written == [], written
 
 
 def _images():
@@ -82,10 +105,14 @@ def _standin_inception(path):
     torch.save(net.state_dict(), path)
 
 
-def test_fid_folder_vs_folder_from_the_inception_file(weights_dir):
+def test_fid_folder_vs_folder_from_the_inception_file(weights_dir, unpickling):
     pytest.importorskip("torch_fidelity")
     _standin_inception(weights_dir / "weights-inception-2015-12-05-6726825d.pth")
+    unpickling.clear()
     fid = create_metric("fid", device="cpu")
+    # torch-fidelity would unpickle the file with weights_only=False: realisr loads it once, safely
+    assert unpickling and all(w is True for _f, w in unpickling), unpickling
+    _nothing_written_outside_the_weights(weights_dir)
     x, y = _images()
     fid.update(x, y)
     with pytest.raises(ValueError, match="at least 2"):
@@ -98,7 +125,7 @@ PYIQA_FILES = {"musiq": "musiq_koniq_ckpt-e95806b9.pth", "maniqa": "MANIQA_PIPAL
 
 
 @pytest.mark.parametrize("metric_id", sorted(PYIQA_FILES))
-def test_pyiqa_metrics_from_standin_checkpoints(metric_id, weights_dir):
+def test_pyiqa_metrics_from_standin_checkpoints(metric_id, weights_dir, unpickling):
     pyiqa = pytest.importorskip("pyiqa")
     import timm
 
@@ -107,12 +134,16 @@ def test_pyiqa_metrics_from_standin_checkpoints(metric_id, weights_dir):
 
     name = METRICS[metric_id].options["pyiqa_name"]
     create = timm.create_model
-    with _patched(timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False})):
+    with _patched((timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False}))):
         net = pyiqa.create_metric(name, device="cpu", pretrained=False).net
     torch.manual_seed(4)
     state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
     torch.save(state, weights_dir / PYIQA_FILES[metric_id])
+    unpickling.clear()
     m = create_metric(metric_id, device="cpu")
+    # pyiqa's own loader unpickles with weights_only=False: only realisr's weights_only=True load happens
+    assert unpickling and all(w is True for _f, w in unpickling), unpickling
+    _nothing_written_outside_the_weights(weights_dir)
     # every tensor of the network comes from the file
     loaded = m.metric.net.state_dict()
     assert set(loaded) == set(state)
@@ -175,6 +206,7 @@ def test_clipiqa_from_the_official_file(weights_dir, standin_rn50, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     m = create_metric("clipiqa", device="cpu")
+    _nothing_written_outside_the_weights(weights_dir)
     clip = m.metric.net.clip_model[0]
     ref = model.half().float().state_dict()
     assert all(torch.equal(clip.state_dict()[k], ref[k]) for k in ref)  # the CLIP weights are the file's

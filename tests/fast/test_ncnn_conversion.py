@@ -74,20 +74,11 @@ def test_converted_model_matches_numpy_ncnn_interpreter(model_id, crop):
 
 @pytest.mark.parametrize("model_id", GAN_MODELS)
 def test_converted_model_matches_ncnn_runtime(model_id, crop):
-    ncnn = pytest.importorskip("ncnn")
+    pytest.importorskip("ncnn")
+    from helpers.ncnn_runtime import run_ncnn
+
     param, binf = _files(model_id)
-    net = ncnn.Net()
-    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_arithmetic", "use_fp16_packed",
-                "use_bf16_storage"):
-        setattr(net.opt, opt, False)
-    net.opt.num_threads = 1
-    assert net.load_param(str(param)) == 0 and net.load_model(str(binf)) == 0
-    arr = np.ascontiguousarray(crop)  # ncnn.Mat borrows this memory: keep it alive
-    ex = net.create_extractor()
-    ex.input("data", ncnn.Mat(arr))
-    ret, out = ex.extract("output")
-    assert ret == 0
-    assert np.abs(_ours(model_id, crop) - np.array(out)).max() <= 1e-4
+    assert np.abs(_ours(model_id, crop) - run_ncnn(param, binf, crop)).max() <= 1e-4
 
 
 def test_every_tensor_filled_and_every_byte_used():

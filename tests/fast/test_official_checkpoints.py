@@ -16,8 +16,6 @@ from helpers import onestep  # noqa: E402
 from realisr.errors import CheckpointError, WeightsNotFoundError  # noqa: E402
 
 GOLDEN = onestep.golden_dir()
-pytestmark = pytest.mark.skipif(not (onestep.sd_dir() / "unet").is_dir(),
-                                reason="golden fixtures not available")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,8 +12,6 @@ pytest.importorskip("peft")
 
 from helpers import onestep  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (onestep.sd_dir() / "unet").is_dir(),
-                                reason="tiny SD fixture not available")
 PS = 32
 
 
@@ -105,9 +103,20 @@ def test_output_is_exactly_4x(pipe, hw, ps):
     assert pad.pixels.shape == (4 * h, 4 * w, 3)
 
 
+def test_compat_official_keeps_the_official_size(pipe):
+    """The official script drops its resize-back: with resize_flag the output stays at the processed size."""
+    img = _image(9, 7, seed=2)
+    out = pipe(img, process_size=64, compat="official")
+    assert out.info["resize_flag"] and out.info["compat"] == "official"
+    assert out.pixels.shape == (80, 64, 3)  # 7 -> 16: 9 x 7 -> 20 x 16 -> x4 = 80 x 64 (official), not 36 x 28
+    np.testing.assert_allclose(out.pixels * 255, np.rint(out.pixels * 255), atol=1e-3)
+
+
 def test_check_inputs(pipe):
     img = _image(8, 8)
-    for kw in (dict(prompt=3), dict(color_fix="x"), dict(vae_tile=2), dict(sample_posterior="yes")):
+    for kw in (dict(prompt=3), dict(color_fix="x"), dict(vae_tile=2), dict(sample_posterior="yes"),
+               dict(compat="exact"), dict(compat="official", resize_mode="pad"),
+               dict(latent_tile=8, latent_overlap=8)):
         with pytest.raises(ValueError):
             pipe(img, **kw)
     with pytest.raises(TypeError):

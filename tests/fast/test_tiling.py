@@ -23,6 +23,17 @@ def test_tile_starts_cover_and_snap(length, tile, overlap):
         assert b - a <= t - overlap  # at least the requested overlap
 
 
+@pytest.mark.parametrize("overlap", [16, 20, -1])
+def test_tiled_forward_refuses_an_overlap_outside_the_tile(overlap):
+    """Refused, not quietly clamped to tile - 1 (or 0)."""
+    import torch
+
+    with pytest.raises(ValueError, match="overlap"):
+        tiled_forward(lambda t: t, torch.zeros(1, 1, 40, 40), tile=16, overlap=overlap)
+    if overlap >= 0:  # one tile covering the image: the overlap does not matter
+        assert tiled_forward(lambda t: t + 1, torch.zeros(1, 1, 10, 10), tile=16, overlap=overlap).min() == 1
+
+
 def test_tile_starts_rejects_bad_overlap():
     with pytest.raises(ValueError, match="overlap"):
         tile_starts(100, 16, 16)

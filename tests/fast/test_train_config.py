@@ -77,3 +77,24 @@ def test_string_keys_keep_the_raw_text():
     assert cfg.output_dir == "2024-01-01" and cfg.model.pretrained == "123" and cfg.data.captions == "yes"
     with pytest.raises(RecipeError, match="must be bool"):
         load_recipe("pisa-sr", ["data.hflip=maybe"])
+
+
+def test_tiny_cpu_finds_the_tiny_model_of_the_clone_from_any_folder(tmp_path, monkeypatch):
+    """The tiny-cpu recipe names the vendored tests/fixtures/golden/sd: found from another working folder when
+    realisr runs from its clone; a folder that exists nowhere is a one-line error naming --set model.pretrained."""
+    from pathlib import Path
+
+    from realisr.errors import WeightsNotFoundError
+    from realisr.train.trainer_base import resolve_pretrained
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_recipe("tiny-cpu")
+    assert cfg.model.pretrained == "tests/fixtures/golden/sd"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_pretrained(cfg.model.pretrained) == repo / "tests" / "fixtures" / "golden" / "sd"
+    (tmp_path / "mine").mkdir()
+    assert resolve_pretrained("mine") == Path("mine")  # the working folder comes first
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotFoundError, match="--set model.pretrained=FOLDER") as e:
+        resolve_pretrained("tests/fixtures/no-such-model")
+    assert "\n" not in str(e.value)

@@ -61,8 +61,16 @@ def test_random_crops_flips_and_small_images(photos):
     assert len({c.sum().item() for c in crops}) > 6  # positions vary
     small = HQCropDataset(files, crop_size=48)[2]["hq"]  # 40x30 coffee is upscaled to fit the crop
     assert small.shape == (3, 48, 48)
+    # random=False: the centre crop, the same whatever the RNG state (astronaut.png is 96 x 80)
+    import numpy as np
+    from PIL import Image
+
     centre = HQCropDataset(files, crop_size=32, random=False)
-    assert torch.equal(centre[0]["hq"], centre[0]["hq"])
+    arr = np.asarray(Image.open(files[0]).convert("RGB"))[(80 - 32) // 2:(80 + 32) // 2, (96 - 32) // 2:(96 + 32) // 2]
+    expected = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(centre[0]["hq"], expected)
+    torch.rand(7)
+    assert torch.equal(centre[0]["hq"], expected)
     # flips happen: with random=False nothing flips; with hflip the mirrored centre crop shows up
     full = HQCropDataset(files[:1], crop_size=80, hflip=True)  # crop = full height, 16 px of x freedom
     seen_flip = False

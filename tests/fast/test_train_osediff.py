@@ -18,7 +18,6 @@ from helpers.onestep import golden_dir, sd_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = golden_dir()
 SD = sd_dir(GOLDEN)
-pytestmark = pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")
 STEPS = 2
 
 

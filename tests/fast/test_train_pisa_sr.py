@@ -17,11 +17,11 @@ from realisr.errors import WeightsNotFoundError  # noqa: E402
 from realisr.train.config import load_recipe  # noqa: E402
 
 from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+from helpers.training import photo_dir as _photo_dir, stand_in_vgg as _stand_in_vgg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = golden_dir()
 SD = sd_dir(GOLDEN)
-pytestmark = pytest.mark.skipif(not (SD / "unet").is_dir(), reason="tiny SD fixture not available")
 
 STAGE1_STEPS = 24
 HAVE_LPIPS = importlib.util.find_spec("lpips") is not None
@@ -34,26 +34,6 @@ def _one_thread():
     torch.set_num_threads(1)  # the CPUs are shared: more threads are much slower here
     yield
     torch.set_num_threads(n)
-
-
-def _photo_dir(root: Path, size: int = 64, names=("astronaut",)) -> Path:
-    import skimage.data
-    from PIL import Image
-
-    folder = root / "hq"
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        Image.fromarray(getattr(skimage.data, n)()).resize((size, size), Image.BICUBIC).save(folder / f"{n}.png")
-    return folder
-
-
-def _stand_in_vgg(root: Path) -> Path:
-    from torchvision.models.vgg import cfgs, make_layers
-
-    torch.manual_seed(0)
-    path = root / "vgg16-397923af.pth"
-    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
-    return path
 
 
 def _recipe(tmp: Path, hq: Path, **over) -> dict:
@@ -168,10 +148,7 @@ def test_checkpoint_loads_into_the_inference_pipeline(trained):
     for fname in ("pisa_sr.pkl", "pisa_sr.safetensors"):
         ckpt = load_official_checkpoint(folder / fname, expect="pisa-sr")
         assert ckpt.method == "pisa-sr"
-    try:
-        from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
-    except ImportError:  # pragma: no cover - the pipeline lands separately
-        pytest.skip("PiSA-SR pipeline not available")
+    from realisr.pipelines.pisa_sr.pipeline_pisa_sr import PiSASRPipeline
     from realisr.registry import get_spec
 
     trainer = trained["trainer"]
@@ -210,6 +187,77 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert set(s_old) == set(s_new) and len(s_new) > 0
     k = next(iter(s_old))
     assert torch.equal(s_old[k]["exp_avg"], s_new[k]["exp_avg"])
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
+    """Random crops and flips (global RNG), a shuffled two-photo dataset (epoch = 2 steps) and a checkpoint at
+    step 3, in the middle of epoch 1: resuming there and training to step 5 gives bit for bit the weights, and
+    the losses, of the run that was never interrupted (optimiser, RNG states and data position restored)."""
+    from realisr.train.trainer_pisa_sr import PiSASRTrainer
+
+    hq = _photo_dir(tmp_path, size=80, names=("astronaut", "coffee"))
+
+    def recipe(out, **train):
+        r = _recipe(tmp_path, hq, output_dir=str(tmp_path / out),
+                    data={"hq": [str(hq)], "hflip": True}, pisa_sr={"pix_steps": 100},
+                    train={"max_steps": 5, "checkpoint_every": 3, **train})
+        return load_recipe(r)
+
+    whole = PiSASRTrainer(recipe("whole"))
+    whole.train()
+    resumed = PiSASRTrainer(recipe("resumed", resume=str(tmp_path / "whole" / "checkpoints" / "step-000003")))
+    resumed.setup()
+    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch) == (3, 1, 1)
+    resumed.train()
+    for (n, p), (n2, q) in zip(whole.unet.named_parameters(), resumed.unet.named_parameters()):
+        if "lora_" in n:
+            assert n == n2 and torch.equal(p, q), n
+
+    def losses(out):
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return {m["step"]: m["l2"] for m in map(json.loads, lines) if "l2" in m}
+    assert {k: v for k, v in losses("whole").items() if k > 3} == losses("resumed")
+    ts = tmp_path / "whole" / "checkpoints" / "step-000003" / "training_state"
+    state = json.loads((ts / "state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
+    # accelerate's state (both optimisers, the RNG states), without a copy of the frozen backbone
+    names = {p.name for p in ts.iterdir()}
+    assert {"optimizer.bin", "optimizer_1.bin", "random_states_0.pkl", "trainable.safetensors"} <= names
+    assert not [n for n in names if n.startswith("model")]
+
+
+def test_prompt_embeddings_are_cached_on_the_cpu_within_a_bound(tmp_path):
+    from realisr.train.trainer_pisa_sr import PiSASRTrainer
+
+    trainer = PiSASRTrainer(load_recipe(_recipe(tmp_path, tmp_path)))
+    trainer.device = torch.device("cpu")
+    calls = []
+
+    class Tok:
+        model_max_length = 77
+
+        def __call__(self, texts, **kw):
+            calls.append(len(texts))
+            ids = torch.tensor([[hash(t) % 1000] * 77 for t in texts])
+            return type("Enc", (), {"input_ids": ids})()
+
+    def text_encoder(ids):  # a 77 x 1024 float32 embedding (315 KB) that depends on the prompt
+        return (ids[..., None].float().expand(-1, -1, 1024) / 1000.0,)
+
+    trainer.tokenizer, trainer.text_encoder = Tok(), text_encoder
+    prompts = [f"tag{i}, photo" for i in range(400)]
+    for i in range(0, 400, 4):
+        emb = trainer.encode_prompts(prompts[i:i + 4])
+        assert emb.shape == (4, 77, 1024)
+        assert torch.equal(emb[:, 0, 0], torch.tensor([hash(p) % 1000 for p in prompts[i:i + 4]]) / 1000.0)
+    cache = trainer._emb_cache
+    held = sum(e.numel() * e.element_size() for e in cache.values())
+    assert 0 < held <= trainer.PROMPT_CACHE_BYTES < 400 * 77 * 1024 * 4
+    assert all(e.device.type == "cpu" for e in cache.values())
+    assert prompts[-1] in cache and prompts[0] not in cache  # least recently used dropped first
+    n = len(calls)
+    trainer.encode_prompts(prompts[-4:])  # cached: no new encoder call
+    assert len(calls) == n
 
 
 def test_missing_lpips_weights_stop_before_stage2(tmp_path, monkeypatch):

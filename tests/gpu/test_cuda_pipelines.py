@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 from helpers.onestep import golden_dir, osediff_pipeline, pisa_pipeline, sd_dir  # noqa: E402
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 
 
 def _image(h=40, w=56, seed=0):
@@ -42,15 +42,6 @@ def _osediff_cuda(dtype):
 KW = dict(process_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """fp32 on CUDA without TF32, so that the CUDA fp32 run is comparable with the CPU one."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def test_auto_dtype_on_cuda_is_bf16_with_a_bf16_vae():
     pipe = _pisa_cuda("auto")
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -67,6 +58,7 @@ def test_cuda_fp32_matches_cpu(kind):
         cpu, gpu = pisa_pipeline(), _pisa_cuda("fp32")
     else:
         cpu, gpu = osediff_pipeline(), _osediff_cuda("fp32")
+    gpu.processing = "host"  # the networks' numerics; the device pre/post has its own test (test_cuda_batch.py)
     with torch.inference_mode():
         a, b = cpu(img, **args).pixels, gpu(img, **args).pixels
     assert a.shape == b.shape == (160, 224, 3)
@@ -108,8 +100,10 @@ def test_redial_on_cuda_equals_a_fresh_run():
 def test_latent_and_vae_tiling_on_cuda_match_the_cpu():
     img = _image(64, 72, seed=3)
     args = dict(KW, latent_tile=12, latent_overlap=6, vae_tile=8, lambda_pix=0.8, lambda_sem=1.1)
+    gpu = _pisa_cuda("fp32")
+    gpu.processing = "host"
     with torch.inference_mode():
-        a, b = pisa_pipeline()(img, **args), _pisa_cuda("fp32")(img, **args)
+        a, b = pisa_pipeline()(img, **args), gpu(img, **args)
     assert b.info["latent_tiles"] == (12, 6)
     assert np.abs(a.pixels - b.pixels).max() < 1e-3
 

@@ -56,8 +56,10 @@ def _osediff(merge_lora: bool, ckpt: str, sd: str):
     from realisr.pipelines.osediff.pipeline_osediff import OSEDiffPipeline
     from realisr.registry import get_spec
 
+    # untagged: the golden cases record fixed prompts (a DAPE tagger in the user's REALISR_WEIGHTS must not
+    # prepend its tags)
     return OSEDiffPipeline.from_spec(get_spec("osediff"), device="cpu", dtype="fp32", sd=sd, checkpoint=ckpt,
-                                     merge_lora=merge_lora)
+                                     merge_lora=merge_lora, tagger=None)
 
 
 def one_thread():

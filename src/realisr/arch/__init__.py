@@ -1,4 +1,2 @@
-"""Network modules only (no I/O, no checkpoint handling): architectures that spandrel does not provide.
-
-Loading, key mapping and detection of their checkpoints live in :mod:`realisr.weights`.
-"""
+"""Network architectures (``nn.Module`` classes only: no file I/O, no key mapping; loading lives in
+:mod:`realisr.weights`). Import the submodules; nothing is imported here so ``import realisr`` stays light."""

@@ -18,7 +18,7 @@ positions the most detailed one, so a crop is not all sky). LQ inputs, each in i
 * ``bnj_x4``: seeded Gaussian blur (sigma ~ U[0.2, 2.0]) on the HQ, bicubic x4 down, Gaussian noise
   (sigma ~ U[1, 10] levels of 255), JPEG (quality ~ U{40..90}, Pillow). The draw per image is in the manifest.
 * ``realesrgan_x4``: the two-stage Real-ESRGAN degradation (:mod:`realisr.train.degradations`, preset
-  ``pisa-sr``) when that module is present.
+  ``pisa-sr``).
 
 ``manifest.json`` records the seed, versions, source files with SHA-256, crop boxes and degradation draws.
 
@@ -98,8 +98,11 @@ def _skimage_sources() -> list[dict]:
     return out
 
 
-def _debian_sources(package: str, subdirs: Sequence[str], tmp: Path) -> tuple[list[dict], str]:
-    """Fetch a Debian package with apt-get download and list its photos. Returns (sources, note)."""
+def _debian_sources(package: str, subdirs: Sequence[str], tmp: Path,
+                    limit: Optional[int] = None) -> tuple[list[dict], str]:
+    """Fetch a Debian package with apt-get download and decode its photos, the first ``limit`` readable ones
+    only (a wallpaper is up to 5120x2880: decoding all of them for ``--max-images 3`` costs seconds and
+    gigabytes). Returns (sources, note)."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         return [], f"{package}: apt-get/dpkg-deb not available, skipped"
     dl = tmp / package
@@ -131,6 +134,8 @@ def _debian_sources(package: str, subdirs: Sequence[str], tmp: Path) -> tuple[li
 
     out = []
     for name, f in files:
+        if limit is not None and len(out) >= limit:
+            break
         data = f.read_bytes()
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -170,7 +175,7 @@ def _crop_box(img: np.ndarray, size: int, rng: np.random.Generator, candidates: 
 
 def bicubic_down(hq: np.ndarray, scale: int = 4) -> np.ndarray:
     """MATLAB ``imresize(hq, 1/scale)`` (bicubic, antialiased), rounded to uint8."""
-    from ..metrics.niqe import matlab_imresize
+    from ..metrics.niqe_core import matlab_imresize
 
     planes = [matlab_imresize(hq[..., c].astype(np.float32) / 255.0, 1.0 / scale) for c in range(3)]
     return np.clip(np.rint(np.stack(planes, axis=2) * 255.0), 0, 255).astype(np.uint8)
@@ -198,10 +203,8 @@ def blur_noise_jpeg(hq: np.ndarray, rng: np.random.Generator, scale: int = 4) ->
 
 
 def _realesrgan_degrader():
-    try:
-        from ..train.degradations import Degrader, get_preset
-    except ImportError as e:
-        return None, f"realisr.train.degradations not available ({e}); realesrgan_x4 skipped"
+    from ..train.degradations import Degrader, get_preset
+
     return Degrader(get_preset("pisa-sr"), device="cpu"), "realisr.train.degradations preset pisa-sr"
 
 
@@ -270,7 +273,7 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
                 got = _skimage_sources()
                 notes.append(f"skimage: {len(got)} images")
             else:
-                got, note = _debian_sources(src, DEBIAN_SOURCES[src], Path(tmp))
+                got, note = _debian_sources(src, DEBIAN_SOURCES[src], Path(tmp), limit=max_images or None)
                 notes.append(note)
                 if not got:
                     logger.warning("%s", note)
@@ -335,7 +338,7 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
         "folders": {"HQ": "HQ", **{k: f"LQ/{v}" for k, v in folders.items() if k in degradations
                                    and (k != "realesrgan" or deg is not None)}},
         "degradations": {
-            "bicubic": "MATLAB imresize bicubic with antialiasing (realisr.metrics.niqe.matlab_imresize), 8-bit",
+            "bicubic": "MATLAB imresize bicubic with antialiasing (realisr.metrics.niqe_core.matlab_imresize), 8-bit",
             "bnj": "Gaussian blur sigma~U[0.2,2.0] -> bicubic down -> Gaussian noise sigma~U[1,10]/255 -> "
                    "JPEG quality~U{40..90} (Pillow); numpy default_rng(seed + [1])",
             "realesrgan": deg_note},

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["write_report", "render_report", "pd_axes", "svg_plot"]
+__all__ = ["write_report", "render_report", "pd_axes", "svg_plot", "REPORT_CSS"]
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#1b1b1b;background:#fff}
@@ -24,6 +24,7 @@ td.best::after{content:' \\2605';color:#2e7d32}.meta{color:#555;font-size:12px}.
 .crop img{width:192px;height:192px;image-rendering:pixelated;border:1px solid #ccc;display:block}
 svg text{font:11px system-ui,sans-serif}.fail td{background:#fff3f3}
 """
+REPORT_CSS = _CSS  # shared with the `realisr study` results page
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -42,32 +43,45 @@ def _best(values: list, higher: bool) -> Optional[float]:
     return max(vals) if higher else min(vals)
 
 
+def _has_values(summary: dict, mid: str) -> bool:
+    return any(isinstance(v := _value(m, mid), (int, float)) and math.isfinite(v) for m in summary["methods"])
+
+
 def pd_axes(summary: dict) -> Optional[tuple[str, str]]:
-    """The perception-distortion plot's ``(x metric, y metric)``: PSNR vs LPIPS (or the first available
-    perceptual metric) with references, NIQE vs MUSIQ/MANIQA/CLIPIQA (or seconds) without."""
-    avail = [m for m, i in summary["metrics"].items() if i.get("available")]
+    """The perception-distortion plot's ``(x metric, y metric)``: PSNR vs LPIPS (or the next perceptual metric)
+    with references, NIQE vs MUSIQ/MANIQA/CLIPIQA without; a metric is used only when some method has a value
+    for it, and a lone metric is plotted against the seconds per image (or against the method order)."""
+    avail = [m for m, i in summary["metrics"].items() if i.get("available") and _has_values(summary, m)]
+    no_ref = [m for m in avail if summary["metrics"][m].get("kind") == "no-reference"]
+    second = "seconds" if _has_values(summary, "seconds") else None
     if "psnr" in avail:
-        for y in ("lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa", "ssim"):
+        for y in ("lpips", "dists", *no_ref, "ssim"):
             if y in avail:
                 return "psnr", y
-        return "psnr", "seconds"
-    for x in ("niqe", "musiq", "maniqa", "clipiqa"):
-        if x in avail:
-            for y in ("musiq", "maniqa", "clipiqa", "niqe"):
-                if y in avail and y != x:
-                    return x, y
-            return x, "seconds"
+        return ("psnr", second) if second else ("method", "psnr")
+    preferred = ("niqe", "musiq", "maniqa", "clipiqa")
+    order = [m for m in preferred if m in no_ref] + [m for m in no_ref if m not in preferred]
+    rest = [m for m in avail if m not in order and summary["metrics"][m].get("kind") != "set"]
+    for x in order + rest:
+        for y in order + rest:
+            if y != x:
+                return x, y
+        return (x, second) if second else ("method", x)
     return None
 
 
 def _axis_label(summary: dict, mid: str) -> str:
     if mid == "seconds":
         return "seconds / image ↓"
+    if mid == "method":
+        return "method (order of -m)"
     info = summary["metrics"][mid]
     return f"{info['label']} {'↑' if info['higher_is_better'] else '↓'}"
 
 
-def _value(method: dict, mid: str):
+def _value(method: dict, mid: str, index: int = 0):
+    if mid == "method":
+        return float(index + 1)
     return method.get("seconds_per_image") if mid == "seconds" else method["means"].get(mid)
 
 
@@ -83,7 +97,7 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def svg_plot(summary: dict, x: str, y: str, width: int = 640, height: int = 420) -> str:
     """An inline SVG scatter plot, one point per method setting; grid sweeps are joined as curves."""
-    pts = [(m, _value(m, x), _value(m, y)) for m in summary["methods"]]
+    pts = [(m, _value(m, x, i), _value(m, y, i)) for i, m in enumerate(summary["methods"])]
     pts = [(m, a, b) for m, a, b in pts if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     ml, mr, mt, mb = 64, 20, 20, 48
     out = [f'<svg id="pd-plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -210,7 +224,79 @@ def _crops_html(out_dir: Path, summary: dict, pairs: Sequence, n_crops: int) -> 
     return "".join(parts)
 
 
-def render_report(summary: dict, rows: list, crops_html: str = "") -> str:
+def _run_file(out_dir: Path, summary: dict, method: dict, image: str, seed: int) -> Path:
+    folder = out_dir / "sr" / method["slug"]
+    return folder / f"{image}.png" if seed == summary.get("seed", 0) else folder / f"seed-{seed}" / f"{image}.png"
+
+
+def _stability_crops_html(out_dir: Path, summary: dict, pairs: Sequence, n_crops: int) -> str:
+    """Best and worst run of each image (zoomed crops at the same place), for every method run several times."""
+    from .runner import read_rgb
+
+    parts = []
+    for p in list(pairs)[:n_crops]:
+        tiles = []
+        for m in summary["methods"]:
+            e = m.get("per_image", {}).get(p.name)
+            if not e or "best" not in e:
+                continue
+            best = _run_file(out_dir, summary, m, p.name, e["best"]["seed"])
+            worst = _run_file(out_dir, summary, m, p.name, e["worst"]["seed"])
+            if not (best.is_file() and worst.is_file()):
+                continue
+            a, b = _u8(read_rgb(best)), _u8(read_rgb(worst))
+            size = max(8, min(96, a.shape[0] // 2, a.shape[1] // 2))
+            y, x = _crop_window(a, size)
+            rk = e["rank_metric"]
+            tiles.append((f"{m['label']} best: seed {e['best']['seed']} ({rk} {_fmt(e['best'][rk])})",
+                          a[y:y + size, x:x + size]))
+            tiles.append((f"{m['label']} worst: seed {e['worst']['seed']} ({rk} {_fmt(e['worst'][rk])})",
+                          b[y:y + size, x:x + size]))
+        if tiles:
+            cells = "".join(f'<div class="crop"><img alt="{html.escape(lab)}" '
+                            f'src="{_png_b64(np.ascontiguousarray(t))}">{html.escape(lab)}</div>' for lab, t in tiles)
+            parts.append(f'<h3>{html.escape(p.name)}</h3><div class="crops">{cells}</div>')
+    return "".join(parts)
+
+
+def _stability_html(summary: dict, avail: list) -> str:
+    """G-STD per metric and L-STD per method; deterministic methods are named as such."""
+    if summary.get("seeds", 1) <= 1:
+        return ""
+    e = html.escape
+    metrics = summary["metrics"]
+    cols = [mid for mid in avail if metrics[mid].get("kind", "") != "set"]
+    h = [f"<h2>Stability over {summary['seeds']} seeds</h2><div class='meta'>CCSR's protocol: mean over images "
+         "and runs / G-STD (mean over images of the population std over runs); L-STD: per-pixel std over runs, "
+         "4-px border cropped, averaged</div><table id='stability'><thead><tr><th class='l'>method</th>"
+         "<th>runs</th>"]
+    h += [f"<th>{e(metrics[m]['label'])} mean / G-STD</th>" for m in cols]
+    h.append("<th>L-STD ↓</th></tr></thead><tbody>")
+    for m in summary["methods"]:
+        h.append(f"<tr><td class='l'>{e(m['label'])}</td><td>{m.get('runs', 1)}</td>")
+        if m.get("runs", 1) <= 1:
+            h.append(f"<td class='l na' colspan='{len(cols) + 1}'>{e(m.get('stability', 'one run'))}</td></tr>")
+            continue
+        for mid in cols:
+            g = m.get("gstd", {}).get(mid)
+            h.append(f"<td>{_fmt(m['means'].get(mid))} / {_fmt(g)}</td>")
+        h.append(f"<td>{_fmt(m.get('lstd'))}</td></tr>")
+    h.append("</tbody></table>")
+    rows = [(img, m, ent) for m in summary["methods"] for img, ent in m.get("per_image", {}).items()]
+    if rows:
+        h.append("<table id='runs'><thead><tr><th class='l'>image</th><th class='l'>method</th><th>L-STD</th>"
+                 "<th>best run</th><th>worst run</th></tr></thead><tbody>")
+        for img, m, ent in rows:
+            rk = ent.get("rank_metric")
+            best = f"seed {ent['best']['seed']}: {_fmt(ent['best'][rk])}" if rk else "–"
+            worst = f"seed {ent['worst']['seed']}: {_fmt(ent['worst'][rk])}" if rk else "–"
+            h.append(f"<tr><td class='l'>{e(img)}</td><td class='l'>{e(m['label'])}</td><td>{_fmt(ent['lstd'])}</td>"
+                     f"<td>{e(best)}</td><td>{e(worst)}</td></tr>")
+        h.append("</tbody></table>")
+    return "".join(h)
+
+
+def render_report(summary: dict, rows: list, crops_html: str = "", stability_crops: str = "") -> str:
     """The report as one HTML string (see :func:`write_report`)."""
     metrics = summary["metrics"]
     avail = [m for m, i in metrics.items() if i.get("available")]
@@ -259,6 +345,9 @@ def render_report(summary: dict, rows: list, crops_html: str = "") -> str:
     # crops
     if crops_html:
         h.append("<h2>Crops</h2>" + crops_html)
+    h.append(_stability_html(summary, avail))
+    if stability_crops:
+        h.append("<h3>Best and worst run per image</h3>" + stability_crops)
     # per-image
     h.append("<h2>Per image</h2><table id='per-image'><thead><tr><th class='l'>image</th><th class='l'>method</th>")
     per_cols = [mid for mid in avail if any(mid in r for r in rows)]
@@ -273,7 +362,8 @@ def render_report(summary: dict, rows: list, crops_html: str = "") -> str:
         rs = by_image.get(img, [])
         ib = {mid: _best([r.get(mid) for r in rs], metrics[mid]["higher_is_better"]) for mid in per_cols}
         for r in rs:
-            h.append(f"<tr><td class='l'>{e(img)}</td><td class='l'>{e(r['method'])}</td>")
+            label = r["method"] + (f" (seed {r['seed']})" if summary.get("seeds", 1) > 1 and "seed" in r else "")
+            h.append(f"<tr><td class='l'>{e(img)}</td><td class='l'>{e(label)}</td>")
             for mid in per_cols:
                 v = r.get(mid)
                 cls = " class='best'" if v is not None and ib[mid] is not None and v == ib[mid] else ""
@@ -304,8 +394,9 @@ def write_report(out_dir: Path, summary: dict, rows: list, pairs: Sequence = (),
     """Write ``out_dir/report.html`` (self-contained) and return its path."""
     out_dir = Path(out_dir)
     crops = _crops_html(out_dir, summary, pairs, n_crops) if n_crops > 0 else ""
+    stab = _stability_crops_html(out_dir, summary, pairs, n_crops) if n_crops > 0 else ""
     path = out_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_report(summary, rows, crops), encoding="utf-8")
+    tmp.write_text(render_report(summary, rows, crops, stab), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -3,13 +3,22 @@ no-reference metrics only), and write ``results.csv``, ``summary.json`` and ``re
 
 Layout of the output folder (everything is resumable: a rerun reuses what is there)::
 
-    OUT/sr/<setting-slug>/<image>.png     SR outputs (8-bit PNG, what the metrics see)
+    OUT/sr/<setting-slug>/<image>.png     SR outputs (8-bit PNG, what the metrics see); run 0 (seed S)
+    OUT/sr/<setting-slug>/seed-<S+k>/<image>.png   run k of a stochastic method with ``--seeds N`` (k >= 1)
     OUT/sr/<setting-slug>/setting.json    the method setting and seconds per image
     OUT/metrics_cache.json                per-image metric values keyed by SR file identity
     OUT/results.csv  OUT/summary.json  OUT/report.html
 
 SR outputs are quantised to 8 bits and written before any metric is computed, as the papers' scripts
 measure saved PNGs.
+
+Stability (``seeds = N > 1``, CCSR's protocol, :mod:`realisr.metrics.stability`): a stochastic method (its
+pipeline's ``is_stochastic``, e.g. ``ccsr``, or ``sample_posterior=True``) runs N times per image with seeds
+``S, S+1, ..., S+N-1``; every per-image metric is reported as the mean over images and runs with its G-STD
+(mean over images of the population std over runs), plus L-STD (per-pixel population std over runs, 4-pixel
+border cropped, averaged), and the best and worst run of each image (by PSNR, else the first metric).
+Deterministic methods run once and are reported as such (``rerun_deterministic`` runs them N times anyway,
+e.g. to see GPU non-determinism). Set-level metrics (FID) use run 0.
 """
 
 from __future__ import annotations
@@ -64,6 +73,8 @@ class BenchConfig:
     dtype: Optional[str] = None
     tile: Optional[int] = None
     seed: int = 0
+    seeds: int = 1
+    rerun_deterministic: bool = False
     report: bool = True
     crops: int = 8
     metric_device: Optional[str] = None
@@ -126,22 +137,15 @@ def pair_images(lq_dir: Path, hq_dir: Optional[Path] = None, pair_by: str = "nam
 def read_rgb(path: Path) -> np.ndarray:
     """An image as RGB: uint8 ``[H, W, 3]`` for 8-bit files (exact, what basicsr-style metrics expect),
     float32 in ``[0, 1]`` otherwise. Grey is replicated; alpha is dropped."""
-    try:
-        from ..io.image_io import read_image
-    except ImportError:  # pragma: no cover - io lands separately
-        read_image = None
-    if read_image is not None:
-        data = read_image(path)
-        px = data.pixels
-        if px.shape[2] == 1:
-            px = np.repeat(px, 3, axis=2)
-        if data.bit_depth == 8:
-            return np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8)
-        return px.astype(np.float32)
-    from PIL import Image  # pragma: no cover
+    from ..io.image_io import read_image
 
-    with Image.open(path) as im:  # pragma: no cover
-        return np.asarray(im.convert("RGB"))
+    data = read_image(path)
+    px = data.pixels
+    if px.shape[2] == 1:
+        px = np.repeat(px, 3, axis=2)
+    if data.bit_depth == 8:
+        return np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8)
+    return px.astype(np.float32)
 
 
 def _save_png(path: Path, rgb_float: np.ndarray) -> None:
@@ -200,9 +204,39 @@ def _one_line(e: BaseException) -> str:
 
 
 # -- the SR stage -----------------------------------------------------------------------------------------
+def setting_is_stochastic(setting: MethodSetting) -> bool:
+    """Whether a setting's output depends on the seed (asks the pipeline class; no weights are loaded)."""
+    from ..registry import REGISTRY, get_spec
+
+    spec = REGISTRY.get(setting.model)
+    path = Path(setting.model)
+    if spec is None and path.is_dir() and (path / "controlnet").is_dir():  # a CCSR release folder
+        spec = get_spec("ccsr")
+    if spec is None:
+        return False
+    try:
+        return bool(spec.pipeline_class().is_stochastic(spec, **setting.call_kwargs))
+    except Exception:  # noqa: BLE001 - an unloadable pipeline fails later, with its reason
+        return False
+
+
+def n_runs(setting: MethodSetting, cfg: BenchConfig) -> int:
+    """How many runs per image a setting gets."""
+    if cfg.seeds > 1 and (cfg.rerun_deterministic or setting_is_stochastic(setting)):
+        return int(cfg.seeds)
+    return 1
+
+
+def sr_path(cfg: BenchConfig, setting: MethodSetting, name: str, run: int = 0) -> Path:
+    """Where run ``run`` (seed ``cfg.seed + run``) of a setting's output on image ``name`` is stored."""
+    folder = cfg.out_dir / "sr" / setting.slug
+    return folder / f"{name}.png" if run == 0 else folder / f"seed-{cfg.seed + run}" / f"{name}.png"
+
+
 def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig, failures: list,
-                callback, step: list, total: int) -> dict:
-    """Produce (or reuse) every SR output of one setting. Returns ``{name: seconds}`` of this and earlier runs."""
+                callback, step: list, total: int, runs: int = 1) -> dict:
+    """Produce (or reuse) every SR output of one setting. Returns ``{name: seconds}`` of this and earlier runs
+    (run 0)."""
     folder = cfg.out_dir / "sr" / setting.slug
     meta_path = folder / "setting.json"
     meta = {}
@@ -212,7 +246,8 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
         except (OSError, ValueError):
             meta = {}
     seconds: dict = dict(meta.get("seconds", {}))
-    todo = [p for p in pairs if not (folder / f"{p.name}.png").is_file()]
+    tags: dict = dict(meta.get("tags", {}))  # image -> the tag string a tagging method used (OSEDiff's DAPE)
+    todo = [(p, k) for p in pairs for k in range(runs) if not sr_path(cfg, setting, p.name, k).is_file()]
     pipe = None
     if todo:
         try:
@@ -226,14 +261,16 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
         except Exception as e:  # noqa: BLE001 - any failure of one method must not stop the others
             msg = _one_line(e)
             logger.warning("%s: cannot load: %s", setting.label, msg)
-            for p in todo:
+            for p in dict.fromkeys(p for p, _k in todo):
                 failures.append({"method": setting.label, "image": p.name, "stage": "load", "error": msg})
             step[0] += len(pairs)
             report(callback, "bench", step[0], total, f"{setting.label}: load failed")
             return seconds
     for p in pairs:
-        out = folder / f"{p.name}.png"
-        if not out.is_file() and pipe is not None:
+        for k in range(runs):
+            out = sr_path(cfg, setting, p.name, k)
+            if out.is_file() or pipe is None:
+                continue
             try:
                 lq = read_rgb(p.lq)
                 lq_f = lq.astype(np.float32) / 255.0 if lq.dtype == np.uint8 else lq
@@ -242,19 +279,31 @@ def _run_method(setting: MethodSetting, pairs: list[ImagePair], cfg: BenchConfig
                     kwargs.setdefault("tile", cfg.tile)
                 import torch
 
-                gen = torch.Generator().manual_seed(cfg.seed)
+                gen = torch.Generator().manual_seed(cfg.seed + k)
                 t0 = time.perf_counter()
                 res = pipe(lq_f, generator=gen, **kwargs)
-                seconds[p.name] = time.perf_counter() - t0
+                if k == 0:
+                    seconds[p.name] = time.perf_counter() - t0
+                    if res.info.get("tags") is not None:
+                        tags[p.name] = res.info["tags"]
                 _save_png(out, res.image.pixels)
             except Exception as e:  # noqa: BLE001 - per-image failures are listed, not fatal
                 msg = _one_line(e)
-                logger.warning("%s on %s failed: %s", setting.label, p.name, msg)
-                failures.append({"method": setting.label, "image": p.name, "stage": "upscale", "error": msg})
+                logger.warning("%s on %s (seed %d) failed: %s", setting.label, p.name, cfg.seed + k, msg)
+                failures.append({"method": setting.label, "image": p.name, "stage": "upscale", "error": msg,
+                                 "seed": cfg.seed + k})
         step[0] += 1
         report(callback, "bench", step[0], total, f"{setting.label}: {p.name}")
-    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds})
+    _write_json(meta_path, {"setting": setting.to_json(), "seconds": seconds, "tags": tags})
     return seconds
+
+
+def _method_tags(folder: Path) -> dict:
+    """image -> tag string recorded by :func:`_run_method` (empty for untagged methods)."""
+    try:
+        return dict(json.loads((folder / "setting.json").read_text()).get("tags", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 # -- the metric stage -------------------------------------------------------------------------------------
@@ -279,7 +328,7 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
             entry.update(available=False, detail=st.detail if st.missing else str(e),
                          missing=[list(x) for x in st.missing])
             info[mid] = entry
-            logger.warning("%s", e)
+            logger.debug("%s", e)  # said once before the run (_preflight)
             continue
         except Exception as e:  # noqa: BLE001 - a broken metric must not stop the run
             entry.update(available=False, detail=_one_line(e))
@@ -290,6 +339,63 @@ def _build_metrics(ids: Sequence[str], paired: bool, cfg: BenchConfig) -> tuple[
         info[mid] = entry
         (per if m.per_image else sets)[mid] = m
     return per, sets, info
+
+
+def _output_scale(setting: MethodSetting) -> Optional[float]:
+    """The SR/LQ size ratio of a setting when it is known without loading the model."""
+    from ..registry import REGISTRY
+
+    if setting.call_kwargs.get("outscale") is not None:
+        return float(setting.call_kwargs["outscale"])
+    spec = REGISTRY.get(setting.model)
+    return float(spec.scale) if spec is not None else None
+
+
+def _image_size(path: Path) -> Optional[tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except OSError:
+        return None
+
+
+def _preflight(settings, pairs, metric_ids, paired: bool, cfg: BenchConfig) -> None:
+    """Say once, before any work, which metrics will be unavailable and which images are too small for NIQE."""
+    from ..metrics.niqe_core import niqe_min_size
+    from ..metrics.registry import get_metric_spec, metric_status
+
+    for mid in metric_ids:
+        spec = get_metric_spec(mid)
+        if spec.needs_reference and not paired:
+            logger.warning("%s needs HQ references (--hq): not measured", mid)
+            continue
+        st = metric_status(spec)
+        if not st.available:
+            logger.warning("%s is unavailable: %s", mid, st.detail)
+    niqe_ids = [m for m in metric_ids if get_metric_spec(m).factory.endswith(":NIQEMetric")]
+    if not niqe_ids:
+        return
+    min_h, min_w = niqe_min_size(border=cfg.border)
+    small, example = 0, None
+    for p in pairs:
+        size = _image_size(p.lq)
+        if size is None:
+            continue
+        for s in settings:
+            scale = _output_scale(s)
+            if scale is None:
+                continue
+            w, h = round(size[0] * scale), round(size[1] * scale)
+            if min(h, w) < min_h or max(h, w) < min_w:  # NIQE needs two 96x96 blocks (either orientation)
+                small += 1
+                example = example or f"{p.name}: {w}x{h} from {s.label}"
+    if small:
+        logger.warning("%s needs SR images of at least %dx%d pixels (two 96x96 blocks%s): %d of %d outputs are "
+                       "smaller (e.g. %s) and get no %s value", "/".join(niqe_ids), min_w, min_h,
+                       f" after the {cfg.border}-pixel crop" if cfg.border else "", small,
+                       len(pairs) * len(settings), example, "/".join(niqe_ids))
 
 
 def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent], None]] = None) -> dict:
@@ -324,14 +430,16 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
     for mid in metric_ids:
         get_metric_spec(mid)  # unknown ids fail before any work
     failures: list = [{"method": "-", "image": s.split(":")[0], "stage": "pairing", "error": s} for s in problems]
+    _preflight(settings, pairs, metric_ids, paired, cfg)
 
     # 1. SR outputs (cached)
     total = len(settings) * len(pairs)
     step = [0]
     report(callback, "bench", 0, total, "upscaling")
     seconds = {}
+    runs = {s.slug: n_runs(s, cfg) for s in settings}
     for s in settings:
-        seconds[s.slug] = _run_method(s, pairs, cfg, failures, callback, step, total)
+        seconds[s.slug] = _run_method(s, pairs, cfg, failures, callback, step, total, runs[s.slug])
 
     # 2. metrics (cached per SR file)
     per, sets, minfo = _build_metrics(metric_ids, paired, cfg)
@@ -350,20 +458,24 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
         for m in sets.values():
             m.reset()
         n_set = 0
-        for p in pairs:
-            k += 1
-            sr_path = cfg.out_dir / "sr" / s.slug / f"{p.name}.png"
+        tags = _method_tags(cfg.out_dir / "sr" / s.slug)
+        for p, run in ((p, r) for p in pairs for r in range(runs[s.slug])):
+            k += 1 if run == 0 else 0
+            sr_file = sr_path(cfg, s, p.name, run)
             row = {"method": s.label, "model": s.model, "settings": json.dumps(s.call_kwargs, sort_keys=True),
-                   "image": p.name, "seconds": seconds[s.slug].get(p.name)}
-            if not sr_path.is_file():
+                   "image": p.name, "seed": cfg.seed + run, "run": run,
+                   "seconds": seconds[s.slug].get(p.name) if run == 0 else None}
+            if p.name in tags:
+                row["tags"] = tags[p.name]
+            if not sr_file.is_file():
                 report(callback, "metrics", k, mtotal, f"{s.label}: {p.name}")
                 continue
-            key = f"{s.slug}/{p.name}"
-            fid_ = _file_id(sr_path) + (("|" + _file_id(p.hq)) if p.hq else "")
+            key = f"{s.slug}/{p.name}" + (f"@seed{cfg.seed + run}" if run else "")
+            fid_ = _file_id(sr_file) + (("|" + _file_id(p.hq)) if p.hq else "")
             entry = cache.get(key, {})
             if entry.get("_id") != fid_:
                 entry = {"_id": fid_}
-            sr = read_rgb(sr_path)
+            sr = read_rgb(sr_file)
             hq = None
             if p.hq is not None:
                 if p.name not in hq_cache:
@@ -385,6 +497,8 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
                         continue
                 row[mid] = entry[ck]
             for mid, m in sets.items():
+                if run:
+                    continue  # set-level metrics (FID) on run 0 only
                 try:
                     m.update(sr, hq)
                     n_set += 1
@@ -406,6 +520,7 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
     methods_out = []
     for s in settings:
         mine = [r for r in rows if r["method"] == s.label]
+        stab = _stability(cfg, s, pairs, mine, [m for m in available if m in per], minfo, runs[s.slug])
         means = {}
         for mid in available:
             if mid in per:
@@ -415,11 +530,16 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
                 means[mid] = set_values.get(s.slug, {}).get(mid)
         secs = [v for v in seconds[s.slug].values() if v is not None]
         d = s.to_json()
-        d.update(n_images=len(pairs), n_ok=len(mine), means=means,
-                 seconds_per_image=float(np.mean(secs)) if secs else None)
+        d.update(n_images=len(pairs), n_ok=len([r for r in mine if r["run"] == 0]), means=means,
+                 seconds_per_image=float(np.mean(secs)) if secs else None, **stab)
+        tagged = {r["image"]: r["tags"] for r in mine if "tags" in r}
+        if tagged:
+            d["tags"] = tagged
         methods_out.append(d)
-    summary = _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start)
+    summary = _summary(cfg, pairs, metric_ids, minfo, methods_out, failures, t_start)
     _write_csv(cfg.out_dir / "results.csv", rows, [m for m in available if m in per])
+    if cfg.seeds > 1:
+        _write_stability_csv(cfg.out_dir / "stability.csv", methods_out, [m for m in available if m in per])
     _write_json(cfg.out_dir / "summary.json", summary)
     if cfg.report:
         from .report import write_report
@@ -428,7 +548,7 @@ def run_benchmark(cfg: BenchConfig, callback: Optional[Callable[[ProgressEvent],
     return summary
 
 
-def _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_start) -> dict:
+def _summary(cfg, pairs, metric_ids, minfo, methods_out, failures, t_start) -> dict:
     import platform
 
     from .. import __version__
@@ -444,6 +564,7 @@ def _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_s
         "seconds": round(time.time() - t_start, 2),
         "lq_dir": str(cfg.lq_dir), "hq_dir": str(cfg.hq_dir) if cfg.hq_dir else None,
         "paired": cfg.hq_dir is not None, "border": cfg.border, "pair_by": cfg.pair_by, "seed": cfg.seed,
+        "seeds": cfg.seeds,
         "protocol": ("Y-channel PSNR/SSIM (BT.601), border crop %d px; LPIPS AlexNet; FID folder vs folder; "
                      "MUSIQ KonIQ; MANIQA PIPAL; SR outputs quantised to 8-bit PNG before measuring" % cfg.border),
         "images": [p.name for p in pairs],
@@ -454,8 +575,86 @@ def _summary(cfg, settings, pairs, metric_ids, minfo, methods_out, failures, t_s
     }
 
 
+def _rank_metric(metric_ids: list, minfo: dict) -> Optional[str]:
+    """The metric that decides the best / worst run: PSNR (as CCSR's README), else the first one."""
+    if "psnr" in metric_ids:
+        return "psnr"
+    return metric_ids[0] if metric_ids else None
+
+
+def _stability(cfg: BenchConfig, setting: MethodSetting, pairs: list, rows: list, metric_ids: list, minfo: dict,
+               runs: int) -> dict:
+    """The stability entries of one setting's summary: ``stochastic``, ``runs``, and with several runs
+    ``gstd`` (per metric), ``lstd``, ``per_image`` (L-STD, best / worst run)."""
+    from ..metrics.stability import g_std, l_std_image
+
+    out: dict = {"stochastic": setting_is_stochastic(setting), "runs": runs}
+    if runs <= 1:
+        if cfg.seeds > 1:
+            out["stability"] = "deterministic: the output does not depend on the seed (run once)"
+        return out
+    by_image: dict = {}
+    for r in rows:
+        by_image.setdefault(r["image"], {})[r["run"]] = r
+    complete = {img: rs for img, rs in by_image.items() if len(rs) == runs}
+    gstd, per_image = {}, {}
+    for mid in metric_ids:
+        scores = {img: [rs[k].get(mid) for k in range(runs)] for img, rs in complete.items()}
+        scores = {img: v for img, v in scores.items() if all(x is not None and np.isfinite(x) for x in v)}
+        if scores:
+            _mean, gstd[mid] = g_std(scores)
+    rank = _rank_metric(metric_ids, minfo)
+    lstds = []
+    for p in pairs:
+        rs = complete.get(p.name)
+        if rs is None:
+            continue
+        files = [sr_path(cfg, setting, p.name, k) for k in range(runs)]
+        if not all(f.is_file() for f in files):
+            continue
+        lv = l_std_image([read_rgb(f) for f in files], border=4)
+        lstds.append(lv)
+        entry = {"lstd": lv}
+        if rank is not None and all(rs[k].get(rank) is not None for k in range(runs)):
+            vals = [rs[k][rank] for k in range(runs)]
+            order = sorted(range(runs), key=lambda k: vals[k], reverse=minfo[rank]["higher_is_better"])
+            entry.update(rank_metric=rank, best={"run": order[0], "seed": cfg.seed + order[0], rank: vals[order[0]]},
+                         worst={"run": order[-1], "seed": cfg.seed + order[-1], rank: vals[order[-1]]},
+                         std={mid: float(np.std([rs[k][mid] for k in range(runs)], ddof=0)) for mid in metric_ids
+                              if all(rs[k].get(mid) is not None for k in range(runs))})
+        per_image[p.name] = entry
+    out.update(gstd=gstd, lstd=float(np.mean(lstds)) if lstds else None, per_image=per_image)
+    return out
+
+
+def _write_stability_csv(path: Path, methods: list, metric_cols: list) -> None:
+    """Per method: one row per image (L-STD, best / worst seed, the population std of each metric over runs)
+    and one ``*`` row for the set (L-STD and G-STD, the mean of the per-image values)."""
+    cols = ["method", "image", "runs", "lstd", "best_seed", "worst_seed"] + [f"{m}_std" for m in metric_cols]
+    fd, tmp = tempfile.mkstemp(prefix="stability.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for m in methods:
+            if m.get("runs", 1) <= 1:
+                w.writerow({"method": m["label"], "image": "*", "runs": m.get("runs", 1),
+                            "lstd": "deterministic" if m.get("stability") else ""})
+                continue
+            for img, e in m.get("per_image", {}).items():
+                row = {"method": m["label"], "image": img, "runs": m["runs"], "lstd": f"{e['lstd']:.6f}",
+                       "best_seed": e.get("best", {}).get("seed"), "worst_seed": e.get("worst", {}).get("seed")}
+                row.update({f"{k}_std": f"{v:.6f}" for k, v in e.get("std", {}).items()})
+                w.writerow(row)
+            row = {"method": m["label"], "image": "*", "runs": m["runs"],
+                   "lstd": f"{m['lstd']:.6f}" if m.get("lstd") is not None else ""}
+            row.update({f"{k}_std": f"{v:.6f}" for k, v in m.get("gstd", {}).items()})
+            w.writerow(row)
+    _commit(tmp, path)
+
+
 def _write_csv(path: Path, rows: list, metric_cols: list) -> None:
-    cols = ["method", "model", "settings", "image", "seconds"] + metric_cols
+    cols = ["method", "model", "settings", "image", "seed", "seconds"] \
+        + (["tags"] if any("tags" in r for r in rows) else []) + metric_cols
     fd, tmp = tempfile.mkstemp(prefix="results.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

@@ -29,6 +29,11 @@ def add_arguments(p) -> None:
     g.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
     g.add_argument("--tile", type=int, default=None, help="tile size passed to the pipelines")
     g.add_argument("--seed", type=int, default=0, help="generator seed for sampling methods (default 0)")
+    g.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="stability: run stochastic methods N times per image (seeds SEED..SEED+N-1) and report "
+                        "G-STD of every metric and L-STD (CCSR's protocol: N=10); deterministic methods run once")
+    g.add_argument("--rerun-deterministic", action="store_true",
+                   help="with --seeds: run deterministic methods N times too (e.g. to measure GPU non-determinism)")
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics", default=None,
                    help="comma-separated metric ids (default: all; see `realisr metrics`)")
@@ -50,9 +55,14 @@ def run(args) -> int:
 
     border = args.crop_border if args.crop_border is not None else (4 if args.protocol == "ccsr" else 0)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    if args.seeds < 1:
+        from realisr.errors import RealisrError
+
+        raise RealisrError(f"--seeds must be >= 1, got {args.seeds}")
     cfg = BenchConfig(lq_dir=args.lq, hq_dir=args.hq, out_dir=args.out, methods=args.method, metrics=metrics,
                       border=border, pair_by=args.pair_by, limit=args.limit, device=args.device,
-                      dtype=args.dtype, tile=args.tile, seed=args.seed, report=not args.no_report,
+                      dtype=args.dtype, tile=args.tile, seed=args.seed, seeds=args.seeds,
+                      rerun_deterministic=args.rerun_deterministic, report=not args.no_report,
                       crops=args.crops, metric_device=args.metric_device)
     progress = TqdmProgress(disable=getattr(args, "quiet", False))
     try:
@@ -73,12 +83,23 @@ def run(args) -> int:
                 vals.append(f"{v:9.4f}" if isinstance(v, float) else f"{'-':>9}")
             sp = m.get("seconds_per_image")
             print(f"{m['label']:<{w}}  " + "  ".join(vals) + (f"  {sp:.3f}" if sp is not None else "  -"))
-        for mid, i in summary["metrics"].items():
-            if not i["available"]:
-                print(f"unavailable: {mid}: {i['detail']}", file=sys.stderr)
+        if args.seeds > 1:
+            print(f"stability over {args.seeds} seeds (mean / G-STD; L-STD):")
+            for m in summary["methods"]:
+                if m.get("runs", 1) <= 1:
+                    print(f"  {m['label']:<{w}}  {m.get('stability', 'one run')}")
+                    continue
+                parts = [f"{summary['metrics'][mid]['label']} {m['means'][mid]:.4f}/{g:.4f}"
+                         for mid, g in m.get("gstd", {}).items() if m["means"].get(mid) is not None]
+                lstd = m.get("lstd")
+                print(f"  {m['label']:<{w}}  " + "  ".join(parts) + (f"  L-STD {lstd:.4f}" if lstd is not None else ""))
+        missing = [mid for mid, i in summary["metrics"].items() if not i["available"]]
+        if missing:  # each was explained once before the run; here only the list
+            print(f"not measured: {', '.join(missing)} (why: summary.json or `realisr metrics`)", file=sys.stderr)
         if summary["failures"]:
             print(f"{len(summary['failures'])} failure(s), listed in {args.out / 'summary.json'}", file=sys.stderr)
         print(f"wrote {args.out / 'results.csv'}, {args.out / 'summary.json'}"
+              + (f", {args.out / 'stability.csv'}" if args.seeds > 1 else "")
               + ("" if args.no_report else f", {args.out / 'report.html'}"))
     ok = any(m["n_ok"] for m in summary["methods"])
     return 0 if ok else 1

@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--resize-back", action="store_true",
                    help="resize the LQ back to the HQ size with a random mode, as the diffusion training data")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (default: skip them, as `realisr upscale`: a rerun resumes)")
     p.add_argument("--grid", default=None, metavar="PNG", help="also write a grid of samples to look at")
     p.add_argument("--grid-images", type=int, default=8, help="images (rows) in the grid (default 8)")
     p.add_argument("--grid-samples", type=int, default=4, help="degradations per image in the grid (default 4)")
@@ -51,22 +52,9 @@ def _read_rgb(path: Path):
     import numpy as np
     import torch
 
-    try:
-        from realisr.io.image_io import read_image
-    except ImportError:  # the shared reader is not available: plain Pillow
-        read_image = None
-    if read_image is not None:
-        px = np.asarray(read_image(path).pixels, dtype=np.float32)
-    else:
-        from PIL import Image, ImageOps
+    from realisr.io.image_io import read_image
 
-        from realisr.errors import InputImageError
-
-        try:
-            with Image.open(path) as im:
-                px = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32) / 255.0
-        except OSError as e:
-            raise InputImageError(f"cannot read {path}: {e}") from None
+    px = np.asarray(read_image(path).pixels, dtype=np.float32)
     if px.ndim == 2:
         px = px[..., None]
     if px.shape[2] == 1:
@@ -81,23 +69,10 @@ def _to_uint8(x):
 
 
 def _write_png(path: Path, arr, overwrite: bool) -> None:
-    from realisr.errors import OutputExistsError
+    from realisr.io import ImageData
+    from realisr.io.image_io import write_image
 
-    try:
-        from realisr.io import ImageData
-        from realisr.io.image_io import write_image
-    except ImportError:
-        write_image = None
-    if write_image is not None:
-        write_image(path, ImageData(pixels=arr.astype("float32") / 255.0), overwrite=overwrite, fmt="png")
-        return
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    from PIL import Image
-
-    tmp = path.with_name(path.name + ".part")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_image(path, ImageData(pixels=arr.astype("float32") / 255.0), overwrite=overwrite, fmt="png")
 
 
 def _cell(img, size: int, nearest: bool):
@@ -125,18 +100,30 @@ def run(args) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     deg = Degrader(preset, device=args.device)
-    callback = None if getattr(args, "quiet", False) else TqdmProgress()
+    quiet = getattr(args, "quiet", False)
+    callback = None if quiet else TqdmProgress()
     rows = []
+    written = skipped = 0
     report(callback, "files", 0, len(files))
     for i, src in enumerate(files):
-        hq = _read_rgb(src)
         dst = out_dir / (src.stem + ".png")
+        exists = dst.exists() and not args.overwrite
+        if exists and not (args.grid and len(rows) < args.grid_images):
+            skipped += 1  # image i always gets seed + i: the existing file is what this run would write
+            logger.info("skip %s: %s exists", src, dst)
+            report(callback, "files", i + 1, len(files), src.name)
+            continue
+        hq = _read_rgb(src)
         try:
             lq, _ = deg(hq, generator=torch.Generator().manual_seed(args.seed + i), resize_back=args.resize_back)
         except ValueError as e:  # e.g. an image too small for the scale
             raise InputImageError(f"{src}: {e}") from None
-        _write_png(dst, _to_uint8(lq[0]), args.overwrite)
-        logger.info("%s -> %s (%dx%d)", src, dst, lq.shape[-1], lq.shape[-2])
+        if exists:
+            skipped += 1
+        else:
+            _write_png(dst, _to_uint8(lq[0]), args.overwrite)
+            written += 1
+            logger.info("%s -> %s (%dx%d)", src, dst, lq.shape[-1], lq.shape[-2])
         if args.grid and len(rows) < args.grid_images:
             cells = [_cell(hq, args.grid_cell, nearest=False), _cell(lq.cpu(), args.grid_cell, nearest=True)]
             for k in range(1, args.grid_samples):
@@ -152,4 +139,10 @@ def run(args) -> int:
         grid = torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=-2)
         _write_png(Path(args.grid), _to_uint8(grid[0]), overwrite=True)
         logger.info("grid of %d images x %d samples -> %s", len(rows), max(args.grid_samples, 1), args.grid)
+    if callback is not None:
+        callback.close()
+    if not quiet:
+        hint = " (outputs exist; --overwrite redoes them)" if skipped else ""
+        print(f"realisr: {len(files)} image(s) with preset {args.preset}: {written} written, {skipped} skipped{hint} "
+              f"-> {out_dir}")
     return 0

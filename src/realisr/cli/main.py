@@ -22,8 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("realisr.cli.bench", "benchmark methods on paired or unpaired folders (metrics + report)"),
     "bench-data": ("realisr.cli.bench_data", "build the offline real-photo benchmark"),
     "metrics": ("realisr.cli.metrics", "list metrics and whether their weights are available"),
+    "weights": ("realisr.cli.weights", "list the weight files you bring; `weights fetch NAME` downloads and verifies"),
     "degrade": ("realisr.cli.degrade", "make LQ images from HQ images with the Real-ESRGAN degradation"),
     "train": ("realisr.cli.train", "train from a YAML recipe (run under `accelerate launch` for many GPUs)"),
+    "tag": ("realisr.cli.tag", "print the RAM / DAPE tags of images (the prompt of OSEDiff and SeeSR)"),
+    "serve": ("realisr.cli.serve", "web app with live dials (Gradio; realisr[ui])"),
+    "study": ("realisr.cli.study", "blind pairwise user studies: create, serve, results (Bradley-Terry)"),
 }
 
 

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
-                                       "ea-adam, ea-adam-rrdb, ea-adam-tiny-cpu, realesrgan-fidelity")
+                                       "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, dape, dape-tiny-cpu, "
+                                       "seesr, tiny-cpu-seesr, ea-adam, ea-adam-rrdb, ea-adam-tiny-cpu, realesrgan-fidelity")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -43,12 +44,25 @@ def make_trainer(cfg, callback=None):
         from realisr.train.trainer_fidelity import FidelityTrainer
 
         return FidelityTrainer(cfg, callback=callback)
+    if cfg.method == "dape":
+        require("accelerate", "train")
+        from realisr.train.trainer_dape import DAPETrainer
+
+        return DAPETrainer(cfg, callback=callback)
     for module in ("accelerate", "diffusers", "peft", "transformers"):
         require(module, "train")
     if cfg.method == "pisa-sr":
         from realisr.train.trainer_pisa_sr import PiSASRTrainer
 
         return PiSASRTrainer(cfg, callback=callback)
+    if cfg.method == "ccsr":
+        from realisr.train.trainer_ccsr import CCSRTrainer
+
+        return CCSRTrainer(cfg, callback=callback)
+    if cfg.method == "seesr":
+        from realisr.train.trainer_seesr import SeeSRTrainer
+
+        return SeeSRTrainer(cfg, callback=callback)
     from realisr.train.trainer_osediff import OSEDiffTrainer
 
     return OSEDiffTrainer(cfg, callback=callback)
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     callback = _MainProcessOnly(TqdmProgress(disable=bool(getattr(args, "quiet", False))))
     summary = make_trainer(cfg, callback).train()
-    if callback.enabled:
+    if callback.enabled and not getattr(args, "quiet", False):
         where = summary.get("checkpoint") or summary.get("delta") or summary.get("model")
         print(f"realisr train: {cfg.method} finished at step {summary['step']} "
               f"({summary['steps_per_s']:.3g} steps/s); output: {where}")

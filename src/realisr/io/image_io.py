@@ -126,13 +126,17 @@ def output_format_for(path_or_ext: Union[PathLike, str]) -> str:
 
 
 # -- reading ------------------------------------------------------------------------------------------------
-def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> ImageData:
-    """Decode an image file.
+def read_image(path: Union[PathLike, bytes, "io.IOBase"], *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+               name: Optional[str] = None) -> ImageData:
+    """Decode an image file, or its bytes.
 
     Args:
-        path: the file (PNG, JPEG, WebP, TIFF, BMP, GIF).
+        path: the file (PNG, JPEG, WebP, TIFF, BMP, GIF), its bytes (``bytes``, ``bytearray``, ``memoryview``),
+            or a binary file object to read them from (e.g. the bytes a Ray task read); decoded the same way
+            either way (16-bit, alpha, ICC and EXIF kept).
         max_pixels: refuse images with more than this many pixels (``None`` or ``0``: no limit). Decided from
             the header, before any pixel is decoded.
+        name: how messages name the image when it is given as bytes (default ``"<bytes>"``).
 
     Returns:
         :class:`ImageData`: pixels upright (EXIF orientation applied), float32 in ``[0, 1]``; alpha split off;
@@ -145,22 +149,31 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     """
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.exists():
-        raise InputImageError(f"input image not found: {p}")
-    if p.is_dir():
-        raise InputImageError(f"input image {p} is a folder, not a file")
-    try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise InputImageError(f"cannot read input image {p}: {e.strerror or e}") from None
+    raw: Optional[bytes] = None
+    if isinstance(path, (bytes, bytearray, memoryview)) or hasattr(path, "read"):
+        try:
+            raw = bytes(path.read() if hasattr(path, "read") else path)
+        except OSError as e:
+            raise InputImageError(f"cannot read input image {name or '<bytes>'}: {e.strerror or e}") from None
+        p = Path(name or "<bytes>")
+        size = len(raw)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise InputImageError(f"input image not found: {p}")
+        if p.is_dir():
+            raise InputImageError(f"input image {p} is a folder, not a file")
+        try:
+            size = p.stat().st_size
+        except OSError as e:
+            raise InputImageError(f"cannot read input image {p}: {e.strerror or e}") from None
     if size == 0:
         raise InputImageError(f"input image {p} is empty (0 bytes)")
 
     if max_pixels is not None and max_pixels < 0:
         raise ValueError(f"max_pixels must be >= 0 (0 or None: no limit), got {max_pixels}")
     try:
-        fh = open(p, "rb")
+        fh = io.BytesIO(raw) if raw is not None else open(p, "rb")
     except OSError as e:
         raise InputImageError(f"cannot open input image {p}: {e.strerror or e}") from None
     try:
@@ -183,7 +196,7 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                         "the file and have the memory")
                 if w < 1 or h < 1:
                     raise InputImageError(f"input image {p} has no pixels ({w}x{h})")
-                data = _decode(im, p)
+                data = _decode(im, p, raw=raw)
     except RealisrError:
         raise
     except UnidentifiedImageError:
@@ -253,7 +266,8 @@ def _is_high_bit_colour(im) -> bool:
     return False
 
 
-def _decode(im, path: Optional[Path], *, exif_transpose: bool = True) -> ImageData:
+def _decode(im, path: Optional[Path], *, exif_transpose: bool = True, raw: Optional[bytes] = None) -> ImageData:
+    """``path`` names the image in messages and is where 16-bit colour is re-read from (``raw``: its bytes)."""
     src_format = getattr(im, "format", None)
     src_mode = im.mode
     info: dict = {}
@@ -271,12 +285,12 @@ def _decode(im, path: Optional[Path], *, exif_transpose: bool = True) -> ImageDa
     # Read before anything loads the image: Pillow forgets the raw mode once decoded (and getexif() of a PNG
     # decodes it to look for a late eXIf chunk).
     raw_mode = _raw_mode(im)
-    high_bit = path is not None and _is_high_bit_colour(im)
+    high_bit = (path is not None or raw is not None) and _is_high_bit_colour(im)
     header_orientation = _orientation(im.getexif())
 
     rgb16 = None
     if high_bit:
-        rgb16 = _decode_16bit_colour(path, raw_mode)
+        rgb16 = _decode_16bit_colour(path, raw_mode, raw)
     im.load()  # Pillow applies (and removes) a TIFF orientation tag itself on load
     # The orientation still to apply to Pillow's pixels, and to OpenCV's (which may have applied it or not).
     orientation = _orientation(im.getexif())
@@ -376,15 +390,15 @@ def _cmyk_to_rgb(im):
     return im.convert("RGB")
 
 
-def _decode_16bit_colour(path: Path, raw_mode: str):
-    """Decode 16-bit colour PNG/TIFF with OpenCV (Pillow would reduce it to 8 bits)."""
+def _decode_16bit_colour(path: Path, raw_mode: str, raw: Optional[bytes] = None):
+    """Decode 16-bit colour PNG/TIFF with OpenCV (Pillow would reduce it to 8 bits); from ``raw`` when given."""
     try:
         import cv2
     except ImportError:
         logger.warning("%s has 16-bit colour but OpenCV is not installed: reading it as 8-bit "
                        "(pip install opencv-python-headless to keep the precision)", path)
         return None
-    buf = np.fromfile(path, dtype=np.uint8)
+    buf = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.fromfile(path, dtype=np.uint8)
     arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # UNCHANGED: keeps 16 bits and alpha, ignores orientation
     if arr is None or arr.dtype not in (np.uint8, np.uint16):
         logger.warning("OpenCV could not decode the 16-bit colour of %s: reading it as 8-bit", path)
@@ -482,8 +496,11 @@ def write_image(path: PathLike, data: ImageData, *, overwrite: bool = False, fmt
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a folder: give a file name")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists: pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(f"output {path} exists: pass --overwrite to replace it")
     if bit_depth is None:
+        if data.bit_depth == 16 and fmt_name not in _SIXTEEN_BIT_FORMATS:
+            logger.warning("%s: %s holds 8 bits per channel, so the 16-bit image is written with 8 (use a .png or "
+                           ".tif output, --ext png/tif, to keep 16 bits)", path.name, fmt_name)
         bit_depth = 16 if data.bit_depth == 16 and fmt_name in _SIXTEEN_BIT_FORMATS else 8
         if bit_depth == 16 and not _can_write_16bit(data, fmt_name):
             logger.warning("writing %s with 8 bits per channel: 16-bit colour needs OpenCV "
@@ -553,11 +570,11 @@ def _commit(tmp: str, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputExistsError(f"output {path} exists: pass --overwrite (overwrite=True) to replace it") from None
+        raise OutputExistsError(f"output {path} exists: pass --overwrite to replace it") from None
     except OSError:
         if path.exists():
             raise OutputExistsError(
-                f"output {path} exists: pass --overwrite (overwrite=True) to replace it") from None
+                f"output {path} exists: pass --overwrite to replace it") from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)

@@ -11,6 +11,7 @@ See ``docs/metrics.md`` for the conventions and where each weight file goes.
 """
 
 from .functional import psnr_y, rgb_to_y, ssim_y
+from .niqe_core import niqe
 from .registry import (
     DEFAULT_FULL_REFERENCE,
     DEFAULT_NO_REFERENCE,
@@ -33,11 +34,3 @@ __all__ = ["psnr_y", "ssim_y", "rgb_to_y", "niqe", "g_std", "l_std", "l_std_imag
            "SetMetric", "MetricSpec", "MetricStatus", "MetricUnavailableError", "WeightFile", "create_metric",
            "find_weight_file", "get_metric_spec", "list_metrics", "metric_status", "DEFAULT_FULL_REFERENCE",
            "DEFAULT_NO_REFERENCE"]
-
-
-def __getattr__(name):
-    if name == "niqe":
-        from .niqe import niqe
-
-        return niqe
-    raise AttributeError(name)

@@ -1,17 +1,23 @@
 """Pixel metrics with the SR papers' conventions: PSNR and SSIM on the BT.601 Y channel.
 
-Why hand-written (see ``docs/metrics.md``): basicsr defines the numbers the papers report but cannot be
-imported on current torchvision; pyiqa reproduces them only with non-default arguments and is under a
-non-commercial licence; torchmetrics has no Y conversion and its SSIM averages a reflect-padded map (a 5e-3
-gap). These few lines are the published formulas with basicsr's choices (float64, Y in ``[16, 235]`` on the
-``[0, 255]`` scale, 11x11 Gaussian window with sigma 1.5, mean over the valid region, no rounding of Y).
+Why hand-written (see ``docs/metrics.md``): the diffusion-SR papers (OSEDiff, PiSA-SR, SeeSR, CCSR) report
+pyiqa's ``psnr``/``ssim`` with ``test_y_channel=True, color_space='ycbcr'``, and BasicSR-era papers BasicSR's
+``calculate_psnr/ssim(test_y_channel=True)``; pyiqa is under a non-commercial licence and BasicSR does not
+import on current torchvision; torchmetrics has no Y conversion and its SSIM averages a reflect-padded map (a
+5e-3 gap). These few lines are the published formulas with those choices (float64, Y in ``[16, 235]`` on the
+``[0, 255]`` scale, 11x11 Gaussian window with sigma 1.5, mean over the valid region). The two SSIM
+conventions differ by up to 1.2e-3: pyiqa rounds Y to integers (as MATLAB's uint8 images) and clamps the
+contrast-structure map at 0; BasicSR does neither (``ssim_y(..., convention=...)``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["rgb_to_y", "crop_border", "psnr_y", "ssim_y", "gaussian_window_1d", "as_float_rgb"]
+__all__ = ["rgb_to_y", "crop_border", "psnr_y", "ssim_y", "gaussian_window_1d", "as_float_rgb",
+           "SSIM_CONVENTIONS"]
+
+SSIM_CONVENTIONS = ("pyiqa", "basicsr")
 
 # ITU-R BT.601 "MATLAB rgb2ycbcr" luma for R, G, B in [0, 1]; Y in [16, 235].
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
@@ -100,8 +106,8 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return out[r:-r, r:-r]
 
 
-def ssim_y(sr, ref, border: int = 0) -> float:
-    """SSIM on the Y channel (basicsr ``calculate_ssim(test_y_channel=True)``; Wang et al. 2004).
+def ssim_y(sr, ref, border: int = 0, convention: str = "pyiqa") -> float:
+    """SSIM on the Y channel (Wang et al. 2004) in the papers' convention.
 
     11x11 Gaussian window (sigma 1.5), ``C1 = (0.01 * 255)^2``, ``C2 = (0.03 * 255)^2``, float64, mean of the
     SSIM map over the valid region (5 pixels lost on each side after the border crop), no downsampling.
@@ -110,16 +116,23 @@ def ssim_y(sr, ref, border: int = 0) -> float:
         sr: restored image ``[H, W, 3]`` RGB (uint8 or float in ``[0, 1]``).
         ref: reference image, same size.
         border: pixels cropped on each side before measuring.
+        convention: ``"pyiqa"`` (default; pyiqa ``ssim(test_y_channel=True, color_space='ycbcr')``, what
+            OSEDiff/PiSA-SR/SeeSR/CCSR report): Y rounded to integers, contrast-structure map clamped at 0;
+            ``"basicsr"``: BasicSR ``calculate_ssim(test_y_channel=True)``, unrounded Y, no clamp.
 
     Returns:
         SSIM in ``[-1, 1]``.
 
     Raises:
-        ValueError: the sizes differ or the image is smaller than the window.
+        ValueError: the sizes differ, the image is smaller than the window, or an unknown convention.
     """
+    if convention not in SSIM_CONVENTIONS:
+        raise ValueError(f"convention must be one of {SSIM_CONVENTIONS}, got {convention!r}")
     _check_pair(sr, ref)
     a = crop_border(rgb_to_y(sr), border)
     b = crop_border(rgb_to_y(ref), border)
+    if convention == "pyiqa":
+        a, b = np.round(a), np.round(b)
     if min(a.shape) < 11:
         raise ValueError(f"SSIM needs at least 11x11 pixels after cropping, got {a.shape[1]}x{a.shape[0]}")
     c1 = (0.01 * 255.0) ** 2
@@ -130,5 +143,8 @@ def ssim_y(sr, ref, border: int = 0) -> float:
     s11 = _filter_valid(a * a, g) - mu1 * mu1
     s22 = _filter_valid(b * b, g) - mu2 * mu2
     s12 = _filter_valid(a * b, g) - mu1 * mu2
-    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 * mu1 + mu2 * mu2 + c1) * (s11 + s22 + c2))
+    cs_map = (2 * s12 + c2) / (s11 + s22 + c2)
+    if convention == "pyiqa":
+        cs_map = np.maximum(cs_map, 0.0)
+    ssim_map = (2 * mu1 * mu2 + c1) / (mu1 * mu1 + mu2 * mu2 + c1) * cs_map
     return float(ssim_map.mean())

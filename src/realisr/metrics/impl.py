@@ -2,9 +2,11 @@
 
 Learned metrics reuse the field's libraries: torchmetrics (LPIPS, DISTS, FID via torch-fidelity) and,
 as an optional backend under a non-commercial licence, pyiqa (MUSIQ, MANIQA, CLIPIQA). realisr never
-downloads their weights: the files are looked up where :func:`realisr.metrics.registry.find_weight_file`
-says and loaded with ``torch.load(weights_only=True)`` (the libraries' own loaders would fetch them from
-the network when absent).
+downloads their weights and never lets a library unpickle a user's file: the files are looked up where
+:func:`realisr.metrics.registry.find_weight_file` says, loaded here with ``torch.load(weights_only=True)``,
+and the tensors are handed to a network the library builds without its own loading (its loader is swapped
+for one that returns our tensors while the network is built). Nothing is written into the libraries' caches
+(torch hub, pyiqa, Hugging Face).
 """
 
 from __future__ import annotations
@@ -36,30 +38,35 @@ class PSNRY(Metric):
 
 class SSIMY(Metric):
     def _compute(self, sr, ref) -> float:
-        return ssim_y(sr, ref, self.border)
+        return ssim_y(sr, ref, self.border, convention=self.spec.options.get("convention", "pyiqa"))
 
 
 def niqe_status() -> tuple[bool, str]:
-    """NIQE's parameters: on this machine, or to be fetched with pip on first use (registry status hook)."""
-    from .niqe import BASICSR_SDIST, NIQE_NPZ, find_niqe_parameters
+    """NIQE's parameters: shipped with realisr, or the file ``$REALISR_NIQE_PARAMS`` names (registry hook)."""
+    from ..errors import RealisrError
+    from .niqe_core import find_niqe_parameters, niqe_parameters
 
-    p = find_niqe_parameters()
-    if p is not None:
-        return True, str(p)
-    return True, f"{NIQE_NPZ} is fetched on first use (pip download {BASICSR_SDIST} --no-binary :all:)"
+    try:
+        niqe_parameters()
+        return True, str(find_niqe_parameters())
+    except RealisrError as e:
+        return False, str(e)
 
 
 class NIQEMetric(Metric):
+    """NIQE in the registry entry's colour convention (``options["convert_to"]``: ``gray`` or ``y``)."""
+
     def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
         super().__init__(spec, border, device)
-        from .niqe import niqe_parameters
+        from .niqe_core import niqe_parameters
 
         self.params = niqe_parameters()
+        self.convert_to = spec.options.get("convert_to", "gray")
 
     def _compute(self, sr, ref) -> float:
-        from .niqe import niqe
+        from .niqe_core import niqe
 
-        return niqe(sr, border=self.border, params=self.params)
+        return niqe(sr, border=self.border, params=self.params, convert_to=self.convert_to)
 
 
 # -- torch helpers ------------------------------------------------------------------------------------------
@@ -166,14 +173,18 @@ class LPIPSMetric(_PairNetMetric):
 
 
 @contextmanager
-def _patched(obj, name: str, value):
+def _patched(*triples):
+    """Set ``setattr(obj, name, value)`` for each ``(obj, name, value)`` while the block runs (one lock: the
+    patched attributes are module globals of the backend libraries)."""
     with _PATCH_LOCK:
-        old = getattr(obj, name)
-        setattr(obj, name, value)
+        old = [(obj, name, getattr(obj, name)) for obj, name, _ in triples]
         try:
+            for obj, name, value in triples:
+                setattr(obj, name, value)
             yield
         finally:
-            setattr(obj, name, old)
+            for obj, name, value in reversed(old):
+                setattr(obj, name, value)
 
 
 class DISTSMetric(_PairNetMetric):
@@ -204,7 +215,7 @@ class DISTSMetric(_PairNetMetric):
                 raise CheckpointError(f"{path.name} is not a torchvision VGG16 state dict: {str(e)[:120]}") from e
             return m
 
-        with _patched(tm_dists, "vgg16", vgg16_local):
+        with _patched((tm_dists, "vgg16", vgg16_local)):
             net = tm_dists.DISTSNetwork(load_weights=True)
         self.device = _device(device)
         self.net = net.eval().requires_grad_(False).to(self.device)
@@ -213,17 +224,31 @@ class DISTSMetric(_PairNetMetric):
 
 
 class FIDMetric(SetMetric):
-    """Folder-vs-folder FID (torchmetrics + torch-fidelity's TF-ported InceptionV3, 2048-d pool features)."""
+    """Folder-vs-folder FID (torchmetrics + torch-fidelity's TF-ported InceptionV3, 2048-d pool features).
+
+    torch-fidelity would unpickle a weights path with ``weights_only=False`` (or download when given none):
+    the file is loaded here with ``weights_only=True`` and handed to the network through its loader hook.
+    """
 
     def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
         super().__init__(spec, border, device)
+        import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         path = _weight_path(spec)
-        _load_state_dict(path)  # torch-fidelity unpickles it with weights_only=False: check it is plain first
+        state = _load_state_dict(path)
+
+        def from_our_file(url, *args, **kwargs):
+            return state
+
         self.device = _device(device)
-        self.fid = FrechetInceptionDistance(feature=2048, normalize=True,
-                                            feature_extractor_weights_path=str(path)).to(self.device)
+        try:
+            with _patched((tf_inception, "load_state_dict_from_url", from_our_file)):
+                fid = FrechetInceptionDistance(feature=2048, normalize=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path.name} is not torch-fidelity's InceptionV3 state dict: "
+                                  f"{str(e).strip().splitlines()[0][:160]}") from e
+        self.fid = fid.to(self.device)
         self.n = 0
 
     def reset(self) -> None:
@@ -244,21 +269,43 @@ class FIDMetric(SetMetric):
         return float(self.fid.compute())
 
 
+def _pyiqa_loader(state: dict, path: Path):
+    """A stand-in for pyiqa's ``load_pretrained_network(net, model_path, strict, weight_keys)`` that loads our
+    (``weights_only=True``) tensors, whatever ``model_path`` pyiqa asks for: no unpickling, no download, no
+    ``print``."""
+
+    def load(net, model_path=None, strict: bool = True, weight_keys: Optional[str] = None) -> None:
+        sd = state
+        if weight_keys is not None and isinstance(sd.get(weight_keys), dict):
+            sd = sd[weight_keys]
+        elif set(sd) == {"params"} and isinstance(sd["params"], dict):
+            sd = sd["params"]
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        try:
+            net.load_state_dict(sd, strict=strict)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path.name} does not fit pyiqa's {type(net).__name__} "
+                                  f"({str(e).strip().splitlines()[0][:160]}): replace it with the official file") from e
+
+    return load
+
+
 class PyiqaMetric(Metric):
     """A pyiqa metric (optional backend, PolyForm-Noncommercial): MUSIQ-KonIQ, MANIQA-PIPAL, CLIPIQA.
 
-    Weights come from the user's files, never from the network: MUSIQ's is passed as
-    ``pretrained_model_path``; MANIQA's is linked into the cache folder pyiqa reads (pyiqa 0.1.16 expects a
-    ``{"params": ...}`` wrapper for a MANIQA ``pretrained_model_path`` but loads the official file plainly from
-    its cache). pyiqa unpickles with ``weights_only=False``, so state-dict files are first checked with
-    ``weights_only=True``. MANIQA's timm ViT is built without its ImageNet download: the MANIQA checkpoint holds
-    all of its tensors. CLIP's ``RN50.pt`` is a TorchScript archive, which cannot be loaded safely: it is accepted
-    only when its SHA-256 is the official one, and pyiqa's CLIP loader is handed its path (so it neither looks in
-    its own cache nor downloads).
+    Weights come from the user's files, never from the network or pyiqa's cache. State-dict files (MUSIQ,
+    MANIQA) are loaded here with ``torch.load(weights_only=True)``; pyiqa's ``load_pretrained_network`` (which
+    unpickles with ``weights_only=False`` and downloads missing files) is swapped, in the arch module, for one
+    that hands it these tensors while pyiqa builds the network. MANIQA's timm ViT is built without its ImageNet
+    download (the MANIQA checkpoint holds all of its tensors). CLIP's ``RN50.pt`` is a TorchScript archive,
+    which cannot be loaded safely: it is accepted only when its SHA-256 is the official one, and pyiqa's CLIP
+    loader is handed its path (so it neither looks in its own cache nor downloads).
     """
 
     def __init__(self, spec: MetricSpec, border: Optional[int] = None, device=None):
         super().__init__(spec, border, device)
+        import importlib
+
         from ..errors import require
 
         pyiqa = require("pyiqa", "pyiqa")
@@ -272,25 +319,22 @@ class PyiqaMetric(Metric):
             def load_local(backbone, device="cpu", *args, **kwargs):
                 return clip_model.load(str(path), device, *args, **kwargs)
 
-            with _patched(clipiqa_arch, "load", load_local):
+            with _patched((clipiqa_arch, "load", load_local)):
                 self.metric = pyiqa.create_metric(name, device=self.device)
-        elif name.startswith("maniqa"):
-            _load_state_dict(path)
-            import timm
-            from pyiqa.utils import download_util
-
-            _link(path, Path(download_util.DEFAULT_CACHE_DIR) / spec.weights[0].name)
-            create = timm.create_model
+            return
+        state = _load_state_dict(path)
+        arch = importlib.import_module(spec.options["pyiqa_arch"])
+        patches = [(arch, "load_pretrained_network", _pyiqa_loader(state, path))]
+        if hasattr(arch, "timm"):
+            create = arch.timm.create_model
 
             def create_no_download(*args, **kw):
                 kw["pretrained"] = False
                 return create(*args, **kw)
 
-            with _patched(timm, "create_model", create_no_download):
-                self.metric = pyiqa.create_metric(name, device=self.device)
-        else:
-            _load_state_dict(path)
-            self.metric = pyiqa.create_metric(name, device=self.device, pretrained_model_path=str(path))
+            patches.append((arch.timm, "create_model", create_no_download))
+        with _patched(*patches):
+            self.metric = pyiqa.create_metric(name, device=self.device)
 
     def _compute(self, sr, ref) -> float:
         import torch
@@ -311,11 +355,3 @@ def _check_sha256(path: Path, wf) -> None:
         raise CheckpointError(f"{path} is not the official {wf.name} (SHA-256 {h.hexdigest()[:12]}..., expected "
                               f"{wf.sha256[:12]}...): it is a TorchScript archive, which realisr loads only when it "
                               f"is the exact official file; replace it with the file from {wf.url}")
-
-
-def _link(src: Path, dest: Path) -> None:
-    """Make ``dest`` (a library's cache entry) point at the user's file ``src`` (no copy)."""
-    if dest.exists() or src.resolve() == dest.resolve():
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.symlink_to(src.resolve())

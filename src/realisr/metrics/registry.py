@@ -39,7 +39,7 @@ class WeightFile:
         hub_subdir: the folder under the torch hub dir where the backend library looks for it
             (``checkpoints`` for torchvision/torch-fidelity, ``pyiqa``, ``clip``). The file is also accepted
             in :func:`realisr.weights.cache.checkpoints_dir`.
-        url: where to get it (documentation only; realisr never downloads it).
+        url: where to get it (`realisr weights fetch` downloads it; nothing else does).
         what: one line: what the file is.
         sha256: the official file's SHA-256, for files that are not plain state dicts (a TorchScript archive
             such as CLIP's ``RN50.pt`` runs code when loaded, so only the exact official file is accepted).
@@ -212,8 +212,11 @@ def find_weight_file(wf: WeightFile) -> Optional[Path]:
 
 def _where(wf: WeightFile) -> str:
     from ..weights.cache import checkpoints_dir
+    from ..weights.fetch import item_for_file
 
-    return f"put {wf.name} in {checkpoints_dir()} or {torch_hub_dir() / wf.hub_subdir} (from {wf.url})"
+    item = item_for_file(wf.name)
+    fetch = f"run `realisr weights fetch {item}`, or " if item else ""
+    return f"{fetch}put {wf.name} in {checkpoints_dir()} or {torch_hub_dir() / wf.hub_subdir} (from {wf.url})"
 
 
 def metric_status(spec_or_id) -> MetricStatus:
@@ -224,7 +227,8 @@ def metric_status(spec_or_id) -> MetricStatus:
         if importlib.util.find_spec(mod) is None:
             how = f"pip install 'realisr[{spec.extra}]'"
             if spec.extra == "pyiqa":
-                how += " (pyiqa is PolyForm-Noncommercial: non-commercial use only)"
+                how += (" && pip install --no-deps pyiqa==0.1.16 (from a clone: pip install -e '.[pyiqa]'; "
+                        "pyiqa is PolyForm-Noncommercial: non-commercial use only)")
             missing.append((f"python package {mod}", how))
     for wf in spec.weights:
         if find_weight_file(wf) is None:
@@ -266,7 +270,7 @@ def create_metric(metric_id: str, *, border: Optional[int] = None, device=None):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The table. Conventions: docs/metrics.md and ../shared/docs/reference/metrics-offline.md.
+# The table. Conventions: docs/metrics.md.
 _TV = "https://download.pytorch.org/models"
 _PYIQA = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 _RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
@@ -276,13 +280,20 @@ register_metric(MetricSpec(
     id="psnr", label="PSNR", kind="full-reference", higher_is_better=True, color_space=_Y,
     data_range="Y in [16,235] float64, peak 255, no rounding", factory="realisr.metrics.impl:PSNRY",
     license="n/a", convention="basicsr calculate_psnr(test_y_channel=True) = pyiqa psnr(test_y_channel=True, "
-                             "color_space='ycbcr'); OSEDiff/PiSA-SR: no crop, CCSR/SeeSR: crop 4"))
+                             "color_space='ycbcr') to ~1e-4 dB (pyiqa: float32, MSE + 1e-8); OSEDiff/PiSA-SR: no "
+                             "crop, CCSR/SeeSR: crop 4"))
 register_metric(MetricSpec(
     id="ssim", label="SSIM", kind="full-reference", higher_is_better=True, color_space=_Y,
-    data_range="Y in [16,235] float64, C1=(0.01*255)^2, C2=(0.03*255)^2", factory="realisr.metrics.impl:SSIMY",
-    packages=("scipy",), license="n/a",
-    convention="basicsr calculate_ssim(test_y_channel=True): 11x11 Gaussian sigma 1.5, valid region; pyiqa "
-               "ssim(test_y_channel=True, color_space='ycbcr') rounds Y and differs by <=1.3e-3"))
+    data_range="Y rounded to integers, float64, C1=(0.01*255)^2, C2=(0.03*255)^2",
+    factory="realisr.metrics.impl:SSIMY", packages=("scipy",), license="n/a", options={"convention": "pyiqa"},
+    convention="pyiqa ssim(test_y_channel=True, color_space='ycbcr') as OSEDiff/PiSA-SR/SeeSR/CCSR report it: "
+               "11x11 Gaussian sigma 1.5, valid region, rounded Y, contrast-structure map clamped at 0"))
+register_metric(MetricSpec(
+    id="ssim-basicsr", label="SSIM-BasicSR", kind="full-reference", higher_is_better=True, color_space=_Y,
+    data_range="Y in [16,235] float64 (not rounded), C1=(0.01*255)^2, C2=(0.03*255)^2",
+    factory="realisr.metrics.impl:SSIMY", packages=("scipy",), license="n/a", options={"convention": "basicsr"},
+    convention="basicsr calculate_ssim(test_y_channel=True) (BasicSR-era papers): no rounding, no clamp; up to "
+               "1.2e-3 above/below the pyiqa convention"))
 register_metric(MetricSpec(
     id="lpips", label="LPIPS", kind="full-reference", higher_is_better=False, color_space="RGB",
     data_range="RGB [0,1] scaled to [-1,1]", factory="realisr.metrics.impl:LPIPSMetric", backend="torchmetrics",
@@ -308,18 +319,31 @@ register_metric(MetricSpec(
                         "weights-inception-2015-12-05-6726825d.pth",
                         "TF FID InceptionV3 ported by torch-fidelity"),),
     license="Apache-2.0 (torch-fidelity); Inception weights Apache-2.0 (TensorFlow)",
-    convention="folder (SR) vs folder (HQ), 2048-d pool features; with ~100 images values are ~100+ as in "
-               "the papers' RealSR/DRealSR tables"))
+    convention="folder (SR) vs folder (HQ), 2048-d pool features, resize inside the network (torch-fidelity, "
+               "clean-fid's 'legacy' resize); pyiqa's 'fid' (the papers') resizes with PIL bicubic ('clean' mode): "
+               "values differ by ~2% (225.4 vs 220.6 on pyiqa's calibration folders)"))
+_NIQE_LICENSE = ("official pristine parameters (NIQE release, UT Austin LIVE notice) shipped as package data via "
+                 "the BasicSR 1.4.2 sdist (Apache-2.0); see realisr/metrics/data/NOTICE")
 register_metric(MetricSpec(
-    id="niqe", label="NIQE", kind="no-reference", higher_is_better=False, color_space=_Y,
+    id="niqe", label="NIQE", kind="no-reference", higher_is_better=False,
+    color_space="grey (MATLAB rgb2gray: 0.2989R + 0.5870G + 0.1140B of the 8-bit image, rounded)",
+    data_range="grey in [0,255], integers, 96x96 blocks", factory="realisr.metrics.impl:NIQEMetric",
+    packages=("scipy", "torch"), options={"status": "realisr.metrics.impl:niqe_status", "convert_to": "gray"},
+    license=_NIQE_LICENSE,
+    convention="official MATLAB NIQE script on rgb2gray (pyiqa 'niqe', as OSEDiff/PiSA-SR/SeeSR/CCSR report): "
+               "within 0.6% of the official values on pyiqa's calibration images"))
+register_metric(MetricSpec(
+    id="niqe-y", label="NIQE-Y", kind="no-reference", higher_is_better=False, color_space=_Y,
     data_range="Y rounded to integers, 96x96 blocks", factory="realisr.metrics.impl:NIQEMetric",
-    packages=("scipy", "torch"), options={"status": "realisr.metrics.impl:niqe_status"},
-    license="official pristine parameters (basicsr 1.4.2 sdist, Apache-2.0)",
-    convention="basicsr calculate_niqe(convert_to='y'); pyiqa 'niqe' defaults to YIQ and differs by up to ~0.06"))
+    packages=("scipy", "torch"), options={"status": "realisr.metrics.impl:niqe_status", "convert_to": "y"},
+    license=_NIQE_LICENSE,
+    convention="BasicSR calculate_niqe(convert_to='y') (Y of YCbCr), reproduced to 1e-12; up to 3.8% off the "
+               "official MATLAB values"))
 register_metric(MetricSpec(
     id="musiq", label="MUSIQ", kind="no-reference", higher_is_better=True, color_space="RGB",
     data_range="RGB [0,1]", factory="realisr.metrics.impl:PyiqaMetric", backend="pyiqa",
-    packages=("torch", "pyiqa"), extra="pyiqa", options={"pyiqa_name": "musiq"},
+    packages=("torch", "pyiqa"), extra="pyiqa",
+    options={"pyiqa_name": "musiq", "pyiqa_arch": "pyiqa.archs.musiq_arch"},
     weights=(WeightFile("musiq_koniq_ckpt-e95806b9.pth", "pyiqa", f"{_PYIQA}/musiq_koniq_ckpt-e95806b9.pth",
                         "MUSIQ trained on KonIQ-10k"),),
     license="pyiqa PolyForm-Noncommercial-1.0.0; MUSIQ weights Apache-2.0",
@@ -327,7 +351,8 @@ register_metric(MetricSpec(
 register_metric(MetricSpec(
     id="maniqa", label="MANIQA", kind="no-reference", higher_is_better=True, color_space="RGB",
     data_range="RGB [0,1], random 224 crops averaged (stochastic)", factory="realisr.metrics.impl:PyiqaMetric",
-    backend="pyiqa", packages=("torch", "pyiqa", "timm"), extra="pyiqa", options={"pyiqa_name": "maniqa-pipal"},
+    backend="pyiqa", packages=("torch", "pyiqa", "timm"), extra="pyiqa",
+    options={"pyiqa_name": "maniqa-pipal", "pyiqa_arch": "pyiqa.archs.maniqa_arch"},
     weights=(WeightFile("MANIQA_PIPAL-ae6d356b.pth", "pyiqa", f"{_PYIQA}/MANIQA_PIPAL-ae6d356b.pth",
                         "MANIQA trained on PIPAL"),),
     license="pyiqa PolyForm-Noncommercial-1.0.0; MANIQA Apache-2.0",

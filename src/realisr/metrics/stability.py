@@ -37,7 +37,8 @@ def g_std(scores: Mapping[str, Sequence[float]]) -> tuple[float, float]:
     if len({a.size for a in arr}) != 1 or arr[0].size == 0:
         raise ValueError("every image needs the same (non-zero) number of runs")
     m = np.stack(arr)
-    return float(m.mean()), float(m.std(axis=1, ddof=0).mean())
+    # std is shift-invariant: centring on run 0 first keeps identical runs at exactly 0 (no mean round-off)
+    return float(m.mean()), float((m - m[:, :1]).std(axis=1, ddof=0).mean())
 
 
 def l_std_image(runs: Sequence, border: int = 4) -> float:
@@ -50,7 +51,7 @@ def l_std_image(runs: Sequence, border: int = 4) -> float:
     if len(runs) < 1:
         raise ValueError("l_std needs at least one run")
     stack = np.stack([crop_border(as_float_rgb(r), border) for r in runs])
-    return float(stack.std(axis=0, ddof=0).mean())
+    return float((stack - stack[:1]).std(axis=0, ddof=0).mean())  # centred on run 0: identical runs give 0
 
 
 def l_std(images: Iterable[Sequence], border: int = 4) -> float:

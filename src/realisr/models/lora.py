@@ -6,7 +6,7 @@ mechanism as diffusers' ``add_adapter``, which the official code uses), so param
 official checkpoint keys: ``<module path>.lora_A.<adapter>.weight`` / ``.lora_B.<adapter>.weight`` and, for a
 wrapped module, ``<module path>.base_layer.{weight,bias}``.
 
-Official rules (see ``docs/reference/pisa-sr-and-osediff.md`` sections 2.1, 3.1, 4):
+Official rules (``docs/pisa-sr-osediff.md``, "LoRA modules and checkpoint files"):
 
 * UNet (both methods): walk ``unet.named_parameters()``; skip names containing ``"bias"`` or ``"norm"``; at the
   first pattern of :data:`UNET_LORA_PATTERNS` that is a substring of the name, the module goes to
@@ -78,7 +78,6 @@ __all__ = [
     "lora_state_dict",
     "load_lora_state_dict",
     "parse_lora_key",
-    "lora_delta_weight",
     "merge_and_unload_adapters",
     "per_sample_adapters",
 ]
@@ -274,7 +273,9 @@ def adapter_names(model) -> list[str]:
 def set_active_adapters(model, names: Iterable[str]) -> None:
     """Make exactly ``names`` the active adapters of every LoRA layer (a layer sums those it has).
 
-    Unlike peft's ``set_adapter`` this does not touch ``requires_grad`` (see :func:`set_trainable_adapters`).
+    Goes through peft's public ``set_adapter`` of each layer, which also makes the active adapters trainable
+    and the others frozen; the ``requires_grad`` flags are put back as they were, so training keeps what
+    :func:`set_trainable_adapters` chose (PiSA-SR's stage 2 runs the pixel LoRA frozen).
 
     Raises:
         ValueError: one of ``names`` exists nowhere in the model.
@@ -285,7 +286,10 @@ def set_active_adapters(model, names: Iterable[str]) -> None:
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {sorted(present)}")
     for _name, layer in lora_layers(model):
-        layer._active_adapter = list(names)  # peft's own attribute; set_adapter() would also change grads
+        grads = [(p, p.requires_grad) for p in layer.parameters()]
+        layer.set_adapter(list(names))
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 def set_trainable_adapters(model, names: Iterable[str]) -> None:
@@ -366,20 +370,6 @@ def load_lora_state_dict(model, state_dict: Mapping[str, "torch.Tensor"], *, str
             target = params.get(key, buffers.get(key))
             target.copy_(value.to(dtype=target.dtype, device=target.device))
     return list(state_dict)
-
-
-def lora_delta_weight(lora_a: "torch.Tensor", lora_b: "torch.Tensor", scale: float) -> "torch.Tensor":
-    """``delta W`` of one LoRA pair, in the layout of the base weight.
-
-    Linear: ``scale * B @ A``. Conv: A has the base kernel (``[r, in, kh, kw]``), B is 1x1 (``[out, r, 1, 1]``),
-    so ``delta W[o, i] = scale * sum_r B[o, r] A[r, i]``.
-    """
-    import torch
-
-    if lora_a.ndim == 2:
-        return (lora_b @ lora_a) * scale
-    b = lora_b.flatten(1)  # [out, r]
-    return torch.einsum("or,rikl->oikl", b, lora_a) * scale
 
 
 def merge_and_unload_adapters(model, names: Iterable[str]) -> int:

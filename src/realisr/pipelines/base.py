@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -197,6 +197,9 @@ class SRPipeline:
     """
 
     spec: ModelSpec
+    #: ``_upscale_rgb`` takes ``[N, 3, H, W]`` (same-size images) in one pass and returns ``[N, 3, sH, sW]``;
+    #: per-image extras go to ``extras["per_image"]`` (a list of dicts). Otherwise a list is run image by image.
+    supports_batch: bool = False
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None):
         self.spec = spec
@@ -205,7 +208,8 @@ class SRPipeline:
 
     # -- to implement -----------------------------------------------------------------------------------
     def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, **kwargs):
-        """Upscale ``x`` (``[1, 3, H, W]`` float32 CPU, ``[0, 1]``) by ``spec.scale``; return float32 CPU."""
+        """Upscale ``x`` (``[1, 3, H, W]`` float32 CPU, ``[0, 1]``; ``[N, ...]`` with :attr:`supports_batch`) by
+        ``spec.scale``; return float32 CPU."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------------
@@ -228,38 +232,89 @@ class SRPipeline:
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected argument(s): {', '.join(unknown)}")
 
-    def __call__(self, image: ImageInput, *, outscale: Optional[float] = None, tile: Optional[int] = None,
-                 tile_pad: Optional[int] = None, callback: Optional[Callable[[ProgressEvent], None]] = None,
-                 generator=None, **kwargs) -> SROutput:
-        """Restore and upscale one image.
+    def __call__(self, image: Union[ImageInput, Sequence[ImageInput]], *, outscale: Optional[float] = None,
+                 tile: Optional[int] = None, tile_pad: Optional[int] = None,
+                 callback: Optional[Callable[[ProgressEvent], None]] = None, generator=None,
+                 **kwargs) -> Union[SROutput, list[SROutput]]:
+        """Restore and upscale one image, or a list of images.
 
         Args:
-            image: PIL image, numpy array, torch tensor or :class:`~realisr.io.ImageData`.
+            image: PIL image, numpy array, torch tensor or :class:`~realisr.io.ImageData`; or a list of them,
+                which returns a list of outputs. Images of the same size go through the network as one batch
+                where the pipeline supports it (:attr:`supports_batch`), each with the result it would have alone
+                (to float rounding); others are processed one by one.
             outscale: final scale relative to the input (any positive float); the model runs at its native
                 scale and the result is resized (Lanczos-like bicubic with antialiasing). Default: native.
             tile: tile size in input pixels (``None``: the pipeline's default; ``0``: no tiling).
             tile_pad: context around each tile in input pixels.
             callback: progress callback (see :mod:`realisr.progress`).
-            generator: ``torch.Generator`` for pipelines that sample.
-            **kwargs: method-specific arguments (e.g. ``lambda_pix``), validated by ``check_inputs``.
+            generator: ``torch.Generator`` for pipelines that sample; for a list of images, one generator or a
+                list with one per image (then each image draws as it would alone).
+            **kwargs: method-specific arguments (e.g. ``lambda_pix``), validated by ``check_inputs``; the same
+                for every image of a list.
 
         Returns:
-            :class:`SROutput`.
+            :class:`SROutput`, or a list of them for a list of images.
         """
-        import torch
-
+        if isinstance(image, (list, tuple)):
+            gens = generator if isinstance(generator, (list, tuple)) else None
+            if gens is not None and len(gens) != len(image):
+                raise ValueError(f"{len(gens)} generators for {len(image)} images: give one per image or one")
+            datas = [to_image_data(im) for im in image]
+            for d in datas:
+                self.check_inputs(d, outscale, tile, tile_pad, **kwargs)
+            groups: dict = {}
+            for i, d in enumerate(datas):  # same-size images share a batch
+                key = (d.height, d.width) if self.supports_batch else i
+                groups.setdefault(key, []).append(i)
+            outs: list = [None] * len(datas)
+            for idx in groups.values():
+                gen = [gens[i] for i in idx] if gens is not None else generator
+                if gens is not None and len(idx) == 1:
+                    gen = gen[0]
+                for i, o in zip(idx, self._run_batch([datas[i] for i in idx], outscale, tile, tile_pad, callback,
+                                                     gen, kwargs)):
+                    outs[i] = o
+            return outs
         data = to_image_data(image)
         self.check_inputs(data, outscale, tile, tile_pad, **kwargs)
+        return self._run_batch([data], outscale, tile, tile_pad, callback, generator, kwargs)[0]
+
+    def _run_batch(self, datas: list, outscale, tile, tile_pad, callback, generator, kwargs) -> list:
+        """One ``_upscale_rgb`` call on same-size images (checked already), then each image's own finish."""
+        import torch
+
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(data.pixels.transpose(2, 0, 1)))[None].float()
-        grey = x.shape[1] == 1
-        if grey:
-            x = x.expand(-1, 3, -1, -1).contiguous()
+        xs, greys = [], []
+        for data in datas:
+            x = torch.from_numpy(np.ascontiguousarray(data.pixels.transpose(2, 0, 1)))[None].float()
+            greys.append(x.shape[1] == 1)
+            xs.append(x.expand(-1, 3, -1, -1) if greys[-1] else x)
+        x = torch.cat(xs).contiguous() if len(xs) > 1 else xs[0].contiguous()
         extras: dict = {}
         y = self._upscale_rgb(x, tile=tile, tile_pad=tile_pad, callback=callback, generator=generator,
                               extras=extras, **kwargs)
         native_hw = (y.shape[-2], y.shape[-1])
-        target = native_hw
+        per_image = extras.pop("per_image", None)
+        info_common = extras.pop("info", {})
+        seconds = time.perf_counter() - t0
+        outs = []
+        for i, data in enumerate(datas):
+            own = dict(per_image[i]) if per_image is not None else dict(extras)
+            info = {"model": self.spec.id, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                    "seconds": seconds, "native_size": native_hw}
+            if len(datas) > 1:
+                info["batch"] = len(datas)
+            info.update(info_common)
+            info.update(own.pop("info", {}))
+            outs.append(self._finish_image(data, y[i:i + 1], greys[i], outscale, info, own))
+        return outs
+
+    def _finish_image(self, data: ImageData, y, grey: bool, outscale, info: dict, extras: dict) -> SROutput:
+        """The output of one image: ``outscale``, grey, alpha, metadata."""
+        import torch
+
+        target = (y.shape[-2], y.shape[-1])
         if outscale is not None:
             target = (max(1, round(data.height * outscale)), max(1, round(data.width * outscale)))
         y = resize_float(y.float(), target)
@@ -271,10 +326,13 @@ class SRPipeline:
             a = torch.from_numpy(data.alpha)[None, None].float()
             alpha = resize_float(a, target)[0, 0].numpy()
         out = data.with_pixels(y[0].permute(1, 2, 0).contiguous().numpy(), alpha)
-        info = {"model": self.spec.id, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "seconds": time.perf_counter() - t0, "native_size": native_hw}
-        info.update(extras.pop("info", {}))
         return SROutput(image=out, scale=target[1] / data.width, info=info, extras=extras)
+
+    @classmethod
+    def is_stochastic(cls, spec: ModelSpec, **call_kwargs) -> bool:
+        """Whether a call with these arguments samples (its output depends on ``generator``): the registry
+        entry's ``options["stochastic"]``; pipelines with optional sampling extend this."""
+        return bool(spec.options.get("stochastic", False))
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, device=None, dtype=None, **kwargs) -> "SRPipeline":

@@ -6,8 +6,9 @@ typo or a wrong type in the YAML or in ``--set`` fails before anything heavy is 
 names the key. ``--set`` values are parsed as YAML scalars/lists (``--set train.max_steps=10``,
 ``--set data.hq=[a/,b.txt]``, ``--set loss.lpips=0``).
 
-Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``) live in ``realisr/train/recipes/*.yaml`` and can be
-named instead of a path.
+Built-in recipes (``pisa-sr``, ``osediff``, ``tiny-cpu``, ``ccsr-controlnet``, ``ccsr``, ``ccsr-stage2``,
+``ccsr-tiny-cpu``, ``dape``, ``dape-tiny-cpu``, ``seesr``, ``tiny-cpu-seesr``) live in
+``realisr/train/recipes/*.yaml`` and can be named instead of a path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ __all__ = [
     "ValidationConfig",
     "PiSASRConfig",
     "OSEDiffConfig",
+    "SeeSRConfig",
+    "CCSRConfig",
+    "DAPEConfig",
     "load_recipe",
     "builtin_recipes",
     "apply_overrides",
@@ -208,6 +212,113 @@ class OSEDiffConfig:
 
 
 @dataclass
+class SeeSRConfig:
+    """SeeSR specifics (stage 2: the ControlNet and the UNet's image attentions; the DAPE tagger is stage 1).
+
+    Attributes:
+        paired_roots: folders in the official layout (``gt/``, ``sr_bicubic/`` and optionally ``tag/*.txt``),
+            paired by file name (sorted; the official dataset zips three unsorted globs). Empty: HQ crops from
+            ``data.hq`` degraded on the fly (``data.degradation``, then bicubic x ``data.scale``).
+        tags: the text prompt of a training image: ``ram`` (plain RAM on the HQ image, official), ``captions``
+            (``data.captions`` / the ``tag/`` files), ``none`` (always ""), ``auto`` (captions when given, else
+            ram). ``data.null_text_ratio`` then replaces each image's prompt by "" (per image, as official).
+        tagger_root: a folder searched first for the RAM / DAPE files (see :mod:`realisr.tagging.loading`).
+        ram, dape: explicit paths of ``ram_swin_large_14m.pth`` and ``DAPE.pth``.
+        validation_steps, validation_guidance: sampling of the validation images (trailing DDPM steps, CFG).
+        negative_prompt: the CFG negative prompt of the validation images.
+    """
+
+    paired_roots: list = field(default_factory=list)
+    tags: str = "auto"
+    tagger_root: Optional[str] = None
+    ram: Optional[str] = None
+    dape: Optional[str] = None
+    validation_steps: int = 20
+    validation_guidance: float = 5.5
+    negative_prompt: str = "dotted, noise, blur, lowres, smooth"
+
+
+@dataclass
+class CCSRConfig:
+    """CCSR-v2 specifics (one stage per run; docs/training.md).
+
+    Attributes:
+        stage: ``controlnet`` (pre-training: eps-MSE, t ~ U[0, 1000)), ``stage1`` (the three latent losses on
+            the truncated schedule; only the ControlNet trains) or ``stage2`` (VAE decoder + discriminator).
+        t_max: the re-noise point of stage 1 (``t_tau = round(1000 t_max)``, 667) and of the stage-2 sampler.
+        t_min: the truncation point of the stage-2 sampler (with ``inference_steps > 1``).
+        inference_steps: N of the stage-2 / validation sampler (1: the one-step ``x0_T``).
+        is_start_lr: stage 1 starts ``x_T`` from the LR latent instead of the GT latent (official: false).
+        begin_disc: stage-2 step from which LPIPS and the GAN losses are on (official 100).
+        disc_weight: weight of the generator's adversarial loss (official 0.05).
+        disc_train_weight: weight of the hinge discriminator loss (official 0.5).
+        disc_lr, disc_betas: the discriminator's AdamW (official 5e-6, (0.9, 0.999)).
+        discriminator: ``dino`` (the official frozen DINO ViT-S/16 features + DINOv2 ViT-S/14 condition; needs
+            their files) or ``tiny`` (small random ViTs: plumbing checks on a CPU, not for real training).
+        dino_weights, dinov2_weights: the official files (default: ``<checkpoints>/dino/<name>``).
+        disc_size, cond_size: input sizes of the two ViTs (224 / 518; the tiny ones use 32).
+        hooks: blocks whose outputs the heads judge (with the patch embedding).
+        cmap_dim: projection size of the conditional heads.
+    """
+
+    stage: str = "stage1"
+    t_max: float = 0.6667
+    t_min: float = 0.0
+    inference_steps: int = 1
+    is_start_lr: bool = False
+    begin_disc: int = 100
+    disc_weight: float = 0.05
+    disc_train_weight: float = 0.5
+    disc_lr: float = 5e-6
+    disc_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    discriminator: str = "dino"
+    dino_weights: Optional[str] = None
+    dinov2_weights: Optional[str] = None
+    disc_size: int = 224
+    cond_size: int = 518
+    hooks: list = field(default_factory=lambda: [2, 5, 8, 11])
+    cmap_dim: int = 64
+
+
+@dataclass
+class DAPEConfig:
+    """DAPE (SeeSR stage 1: RAM + LoRA trained to see through degradations) specifics.
+
+    Attributes:
+        ram, tag_list: ``ram_swin_large_14m.pth`` and ``ram_tag_list.txt`` (``null``: searched like the tagger:
+            ``ram_dir``, ``$REALISR_WEIGHTS/ram/``, ``$REALISR_WEIGHTS/``).
+        ram_dir: a folder holding the RAM files (SeeSR's ``ram/`` layout; ``configs/`` inside it is used).
+        config_dir: folder with ``q2l_config.json`` and ``swin/config_swinL_384.json`` (``null``: next to the
+            files, else the official configs shipped with realisr).
+        paired: official pre-made pairs: roots holding ``gt/`` and ``sr_bicubic/`` (paired by file name);
+            empty: pairs are made on the fly from ``data.hq`` with ``data.degradation``.
+        image_size: both images are resized to this square first (official 512), then to RAM's 384.
+        lora_rank, lora_alpha: loralib LoRA (official 8 and 1).
+        feature_weight, logits_weight: weights of the embedding MSE and the soft-label BCE (official 1, 1).
+        lr_milestones, lr_gamma: MultiStepLR (official [20000, 30000], 0.5).
+        warmup_steps: linear learning-rate warm-up (BasicSR ``warmup_iter``, official 50).
+        drop_path_rate: the student's Swin stochastic depth (official 0.1).
+        dropout: the student's tagging-head dropout (``null``: the q2l config's, 0.1 officially).
+    """
+
+    ram: Optional[str] = None
+    tag_list: Optional[str] = None
+    ram_dir: Optional[str] = None
+    config_dir: Optional[str] = None
+    paired: list = field(default_factory=list)
+    image_size: int = 512
+    lora_rank: int = 8
+    lora_alpha: float = 1.0
+    feature_weight: float = 1.0
+    logits_weight: float = 1.0
+    lr_milestones: list = field(default_factory=lambda: [20000, 30000])
+    lr_gamma: float = 0.5
+    warmup_steps: int = 50
+    drop_path_rate: float = 0.1
+    dropout: Optional[float] = None
+
+
+@dataclass
 class RecipeConfig:
     """A whole training recipe."""
 
@@ -221,6 +332,9 @@ class RecipeConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     pisa_sr: PiSASRConfig = field(default_factory=PiSASRConfig)
     osediff: OSEDiffConfig = field(default_factory=OSEDiffConfig)
+    seesr: SeeSRConfig = field(default_factory=SeeSRConfig)
+    ccsr: CCSRConfig = field(default_factory=CCSRConfig)
+    dape: DAPEConfig = field(default_factory=DAPEConfig)
 
     def validate(self) -> "RecipeConfig":
         """Check values that types alone cannot (ranges, choices). Returns self; raises RecipeError."""
@@ -228,7 +342,14 @@ class RecipeConfig:
             if not ok:
                 raise RecipeError(f"recipe: {msg}")
 
-        need(self.method in ("pisa-sr", "osediff"), f"method must be 'pisa-sr' or 'osediff', got {self.method!r}")
+        need(self.method in ("pisa-sr", "osediff", "ccsr", "dape", "seesr"),
+             f"method must be 'pisa-sr', 'osediff', 'ccsr', 'dape' or 'seesr', got {self.method!r}")
+        need(self.ccsr.stage in ("controlnet", "stage1", "stage2"),
+             f"ccsr.stage must be controlnet, stage1 or stage2, got {self.ccsr.stage!r}")
+        need(0.0 <= self.ccsr.t_min < self.ccsr.t_max <= 1.0, "ccsr: need 0 <= t_min < t_max <= 1")
+        need(self.ccsr.inference_steps >= 1, "ccsr.inference_steps must be >= 1")
+        need(self.ccsr.discriminator in ("dino", "tiny"), "ccsr.discriminator must be 'dino' or 'tiny'")
+        need(len(self.ccsr.disc_betas) == 2, "ccsr.disc_betas must be a list of two numbers")
         need(self.train.mixed_precision in ("no", "fp16", "bf16"),
              f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}")
         need(self.train.max_steps > 0, "train.max_steps must be > 0")
@@ -244,8 +365,14 @@ class RecipeConfig:
         need(self.osediff.fake_unet_adapters in ("all", "others"),
              "osediff.fake_unet_adapters must be 'all' or 'others'")
         need(0 <= self.pisa_sr.pix_steps, "pisa_sr.pix_steps must be >= 0")
+        need(self.seesr.tags in ("auto", "ram", "captions", "none"),
+             "seesr.tags must be auto, ram, captions or none")
+        need(self.seesr.validation_steps >= 1, "seesr.validation_steps must be >= 1")
         for k in ("l2", "lpips", "csd", "vsd", "vsd_lora"):
             need(getattr(self.loss, k) >= 0, f"loss.{k} must be >= 0")
+        need(self.dape.image_size >= 8 and self.dape.lora_rank >= 1 and self.dape.warmup_steps >= 0,
+             "dape.image_size must be >= 8, dape.lora_rank >= 1 and dape.warmup_steps >= 0")
+        need(self.dape.feature_weight >= 0 and self.dape.logits_weight >= 0, "dape loss weights must be >= 0")
         return self
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from realisr.errors import InputImageError, RealisrError
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "list_sources", "load_captions", "HQCropDataset", "LQMaker",
-           "to_model_range"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "list_sources", "load_captions", "HQCropDataset", "PairedSRDataset",
+           "paired_files", "LQMaker", "to_model_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,16 +135,25 @@ class HQCropDataset(torch.utils.data.Dataset):
         hflip: random horizontal flip with probability 0.5.
         captions: name -> caption (see :func:`load_captions`).
         random: ``False`` gives centre crops without flips (validation).
+        seed: with a seed, item ``i`` of epoch ``e`` (:meth:`set_epoch`) draws its crop and flip from a generator
+            seeded by ``(seed, e, i)``: the same in any process or data worker, so a resumed run (which skips the
+            batches it already used) sees exactly the crops of an uninterrupted one. Without one, the global RNG.
     """
 
     def __init__(self, files: Sequence[Path], crop_size: int = 512, hflip: bool = True,
-                 captions: Optional[dict[str, str]] = None, random: bool = True):
+                 captions: Optional[dict[str, str]] = None, random: bool = True, seed: Optional[int] = None):
         self.files = [Path(f) for f in files]
         self.crop_size = int(crop_size)
         self.hflip = hflip
         self.captions = captions or {}
         self.random = random
+        self.seed = seed
+        self.epoch = 0
         self._warned_small = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose crops and flips :meth:`__getitem__` draws (with ``seed``)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -180,15 +189,76 @@ class HQCropDataset(torch.utils.data.Dataset):
             nh, nw = max(c, round(h * s)), max(c, round(w * s))
             img = F.interpolate(img[None], size=(nh, nw), mode="bicubic", align_corners=False)[0].clamp_(0, 1)
             h, w = nh, nw
+        g = None
+        if self.seed is not None:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 7919 + index) % (2**62))
         if self.random:
-            top = int(torch.randint(0, h - c + 1, ()).item())
-            left = int(torch.randint(0, w - c + 1, ()).item())
+            top = int(torch.randint(0, h - c + 1, (), generator=g).item())
+            left = int(torch.randint(0, w - c + 1, (), generator=g).item())
         else:
             top, left = (h - c) // 2, (w - c) // 2
         img = img[:, top:top + c, left:left + c]
-        if self.random and self.hflip and torch.rand(()).item() < 0.5:
+        if self.random and self.hflip and torch.rand((), generator=g).item() < 0.5:
             img = img.flip(-1)
         return {"hq": img.contiguous(), "caption": self.caption_for(path), "path": str(path)}
+
+
+def paired_files(roots: Sequence[Union[str, os.PathLike]], hq: str = "gt", lq: str = "sr_bicubic",
+                 tags: str = "tag") -> list[tuple[Path, Path, Optional[Path]]]:
+    """Training pairs in the layout of SeeSR's ``make_paired_data.py``: ``<root>/<hq>/NAME.png`` with
+    ``<root>/<lq>/NAME.png`` and, when the folder exists, ``<root>/<tags>/NAME.txt``.
+
+    Files are matched by name (the official dataset zips three ``glob`` results and relies on the file system
+    returning them in the same order); the result is sorted.
+
+    Raises:
+        DataError: a folder is missing, holds no images, or a name has no partner (the first one is named).
+    """
+    out: list[tuple[Path, Path, Optional[Path]]] = []
+    for root in roots:
+        root = Path(root).expanduser()
+        hq_dir, lq_dir, tag_dir = root / hq, root / lq, root / tags
+        for d in (hq_dir, lq_dir):
+            if not d.is_dir():
+                raise DataError(f"paired data root {root} has no {d.name}/ folder (expected {hq}/, {lq}/, [{tags}/])")
+        hqs = {p.stem: p for p in sorted(hq_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        lqs = {p.stem: p for p in sorted(lq_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        if not hqs:
+            raise DataError(f"{hq_dir} holds no images")
+        for a, b, name_a, name_b in ((hqs, lqs, hq, lq), (lqs, hqs, lq, hq)):
+            lonely = sorted(set(a) - set(b))
+            if lonely:
+                raise DataError(f"{root}: {name_a}/{lonely[0]} has no partner in {name_b}/ "
+                                f"({len(lonely)} unpaired); pairs are matched by file name")
+        for stem in sorted(hqs):
+            tag = tag_dir / f"{stem}.txt"
+            if tag_dir.is_dir() and not tag.is_file():
+                raise DataError(f"{root}: {hq}/{hqs[stem].name} has no {tags}/{stem}.txt")
+            out.append((hqs[stem], lqs[stem], tag if tag_dir.is_dir() else None))
+    if not out:
+        raise DataError("no paired training images: set seesr.paired_roots to folders with gt/ and sr_bicubic/")
+    return out
+
+
+class PairedSRDataset(HQCropDataset):
+    """Pre-made HQ / LQ pairs (see :func:`paired_files`), used whole (the official pairs are 512 crops).
+
+    Items are dicts ``{"hq", "lq": float tensors [3, H, W] in [0, 1], "caption": the tag file's text or "",
+    "path": str}``.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path, Optional[Path]]]):
+        super().__init__([p[0] for p in pairs], crop_size=1, hflip=False, random=False)
+        self.pairs = list(pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        hq_path, lq_path, tag_path = self.pairs[index]
+        hq, lq = self._load(hq_path), self._load(lq_path)
+        if hq.shape != lq.shape:
+            raise DataError(f"{hq_path.name}: HQ {tuple(hq.shape[1:])} and LQ {tuple(lq.shape[1:])} differ in size "
+                            "(the LQ must be bicubic-upsampled to the HQ size)")
+        caption = tag_path.read_text(encoding="utf-8").strip() if tag_path is not None else ""
+        return {"hq": hq, "lq": lq, "caption": caption, "path": str(hq_path)}
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:

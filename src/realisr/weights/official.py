@@ -1,8 +1,8 @@
 """The official checkpoints of the one-step diffusion methods: ``pisa_sr.pkl`` (csslc/PiSA-SR) and
 ``osediff.pkl`` (cswry/OSEDiff).
 
-Both are ``torch.save`` dicts of module lists, ranks and LoRA state dicts (see
-``docs/reference/pisa-sr-and-osediff.md`` section 4). They are read with ``torch.load(weights_only=True)``
+Both are ``torch.save`` dicts of module lists, ranks and LoRA state dicts (see ``docs/pisa-sr-osediff.md``,
+"LoRA modules and checkpoint files"). They are read with ``torch.load(weights_only=True)``
 only, so a file can never run code, and validated before use: missing keys, bad ranks, LoRA keys that do not
 belong to the listed adapters and shapes that do not fit the backbone all raise
 :class:`~realisr.errors.CheckpointError` with a one-line message.
@@ -361,40 +361,57 @@ def find_checkpoint(spec) -> Optional[Path]:
     return None
 
 
-def resolve_checkpoint(checkpoint, spec, expect: str) -> "OfficialCheckpoint":
+def _missing_checkpoint(spec) -> str:
+    from .cache import checkpoints_dir
+
+    fname = spec.weights.files[0] if spec.weights.files else "the checkpoint"
+    return (f"{fname} (not in {checkpoints_dir()}: run `realisr weights fetch {spec.id}`, put it there "
+            f"(REALISR_WEIGHTS), or pass -m path/to/{fname}; source: {spec.weights.url})")
+
+
+def resolve_checkpoint(checkpoint, spec, expect: str, *, sd=None,
+                       components: Optional[tuple] = None) -> "OfficialCheckpoint":
     """A validated checkpoint from ``checkpoint`` (an :class:`OfficialCheckpoint`, a path, or ``None``: look in
-    the checkpoints folder).
+    the checkpoints folder), after checking, without loading or network access, that everything the pipeline
+    needs is here: with ``components``, the SD backbone's parts (``sd`` as in
+    :func:`realisr.models.backbone.resolve_sd`) too, so one error names every missing file.
 
     Raises:
-        WeightsNotFoundError: nothing given and nothing found (the message says where to put the file).
+        WeightsNotFoundError: the checkpoint or backbone parts are missing (the message lists all of them and
+            the commands that get them).
         CheckpointError: the file is malformed or of another method.
     """
     from ..errors import WeightsNotFoundError
 
+    missing = []
+    path = None
+    if not isinstance(checkpoint, OfficialCheckpoint):
+        path = checkpoint or find_checkpoint(spec)
+        if path is None:
+            missing.append(_missing_checkpoint(spec))
+    if components is not None:
+        from ..models.backbone import backbone_status
+
+        ok, detail = backbone_status(sd, components)
+        if not ok:
+            missing.append(detail)
+    if missing:
+        raise WeightsNotFoundError(f"{spec.id} needs files that are not here: " + "; and ".join(missing))
     if isinstance(checkpoint, OfficialCheckpoint):
         return checkpoint
-    path = checkpoint or find_checkpoint(spec)
-    if path is None:
-        raise WeightsNotFoundError(
-            f"{spec.weights.files[0]} not found: pass checkpoint=PATH (CLI: -m path/to/{spec.weights.files[0]}) or "
-            f"put it in the checkpoints folder (REALISR_WEIGHTS); get it from {spec.weights.url}")
     return load_official_checkpoint(path, expect=expect)
 
 
-def weights_status(spec) -> tuple[bool, str]:
-    """``(available, detail)`` for ``pisa-sr`` / ``osediff``: the official checkpoint and the SD backbone.
-
-    No network access and no loading.
+def weights_status(spec, sd=None) -> tuple[bool, str]:
+    """``(available, detail)`` for ``pisa-sr`` / ``osediff``: the official checkpoint and the SD backbone
+    (``sd``: as ``--sd``; default ``REALISR_SD``, then the HF cache). No network access and no loading.
     """
     from ..models.backbone import backbone_status
-    from .cache import checkpoints_dir
 
     ckpt = find_checkpoint(spec)
-    ok_sd, sd_detail = backbone_status()
+    ok_sd, sd_detail = backbone_status(sd)
     if ckpt is None:
-        fname = spec.weights.files[0] if spec.weights.files else "the checkpoint"
-        return False, (f"{fname} not found in {checkpoints_dir()} (set REALISR_WEIGHTS or copy it there; "
-                       f"get it from {spec.weights.url}); {sd_detail if not ok_sd else 'SD backbone found'}")
+        return False, f"{_missing_checkpoint(spec)}; {sd_detail if not ok_sd else 'SD backbone found'}"
     if not ok_sd:
         return False, f"checkpoint {ckpt} found, but {sd_detail}"
     return True, f"{ckpt}; {sd_detail}"

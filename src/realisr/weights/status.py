@@ -34,8 +34,9 @@ def ncnn_files(spec: ModelSpec) -> tuple[Optional[Path], Optional[Path], str]:
     return param, binf, f"{src.pip_name} ({stem.name})"
 
 
-def weights_status(spec: ModelSpec) -> tuple[bool, str]:
-    """``(available, detail)``: where the weights are, or what is missing and how to get it."""
+def weights_status(spec: ModelSpec, sd: Optional[str] = None) -> tuple[bool, str]:
+    """``(available, detail)``: where the weights are, or what is missing and how to get it (``sd``: the SD
+    backbone to check for diffusion models, as ``--sd``)."""
     kind = spec.weights.kind
     if kind == "none":
         return True, "no weights needed"
@@ -45,5 +46,5 @@ def weights_status(spec: ModelSpec) -> tuple[bool, str]:
     check = spec.options.get("weights_status")
     if check:
         module, _, name = check.partition(":")
-        return getattr(importlib.import_module(module), name)(spec)
+        return getattr(importlib.import_module(module), name)(spec, **({"sd": sd} if sd else {}))
     return False, f"unknown weight source kind {kind!r}"

@@ -2,9 +2,9 @@
 
 Models whose registry entry names a fidelity delta (``options["fidelity_delta"]``, e.g. Real-ESRGAN x4plus)
 take a ``fidelity`` dial in [0, 1]: the network runs with ``W(F) = W + F * delta`` (weight-space
-interpolation between the released GAN weights at F=0 and realisr's L1-tuned weights at F=1; one forward pass,
-no cost over the plain model). F=0 restores the released weights bit for bit. A per-pixel map runs one pass
-per level of a 0.25 grid that the map touches and blends neighbouring levels linearly per pixel.
+interpolation between the released GAN weights at F=0 and realisr's fidelity-tuned weights at F=1; one forward
+pass, no cost over the plain model). F=0 restores the released weights bit for bit. A per-pixel map runs one
+pass per level of a 0.25 grid that the map touches and blends neighbouring levels linearly per pixel.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import logging
 import math
 from typing import Optional
 
+from ...dials import Dial, ModelDials
+from ...progress import report
 from ...registry import ModelSpec, WeightSource
 from ...tiling import auto_tile_size, balanced_tile, run_with_oom_retry, tiled_forward
 from ..base import SRPipeline
@@ -26,6 +28,26 @@ __all__ = ["GANPipeline"]
 _BYTES_PER_PIXEL = {"RRDBNet": 24_000, "SRVGGNetCompact": 6_000}  # ~2x the measured working memory
 
 
+def _progress_blocks(model) -> list:
+    """The repeated blocks of a network (RRDB blocks, the convolutions of a compact net, Swin stages...): the
+    largest run of same-type children of one ``Sequential``/``ModuleList``, at least 4; ``[]`` if none."""
+    from collections import Counter
+
+    import torch.nn as nn
+
+    best: list = []
+    for mod in model.modules():
+        if not isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            continue
+        kids = list(mod.children())
+        if len(kids) < 4:
+            continue
+        cls, n = Counter(type(k) for k in kids).most_common(1)[0]
+        if n >= 4 and n > len(best):
+            best = [k for k in kids if type(k) is cls]
+    return best
+
+
 class GANPipeline(SRPipeline):
     """A feed-forward network loaded through spandrel.
 
@@ -34,9 +56,6 @@ class GANPipeline(SRPipeline):
         descriptor: a spandrel ``ImageModelDescriptor`` (loaded from ``spec`` when ``None``).
         channels_last: run the spandrel model in channels-last memory format (faster on CPU and tensor cores;
             see benchmarks/bench_gan.py). Default: on.
-        winograd: on CPU in fp32, run RRDBNet (ESRGAN/Real-ESRGAN/RealSR x4) with the Winograd forward of
-            :mod:`.winograd` (same result to ~1e-5). Off by default: on a 2-core AVX2 CPU it measured about
-            as fast as the channels-last model (faster at 128 px, slower at 256 px) with twice the working memory.
         compile: wrap the model in ``torch.compile`` (inductor, frozen weights). Off by default: compiling
             RRDBNet takes minutes on CPU for a gain of ~15%.
         num_threads: CPU threads for this pipeline's forward (``torch.set_num_threads`` during the call,
@@ -45,11 +64,12 @@ class GANPipeline(SRPipeline):
     """
 
     default_tile_pad = 16
+    supports_batch = True  # the network takes [N, 3, H, W]; tiles cut all images of a batch alike
     #: spacing of the fidelity levels a per-pixel fidelity map is rendered at (one forward pass per level used).
     fidelity_map_step = 0.25
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
-                 channels_last: bool = True, winograd: bool = False, compile: bool = False,
+                 channels_last: bool = True, compile: bool = False,
                  num_threads: Optional[int] = None):
         super().__init__(spec, device=device, dtype=dtype)
         import torch
@@ -66,21 +86,18 @@ class GANPipeline(SRPipeline):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._fast = None
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if winograd:
-            if not cpu_fp32 or compile:
-                raise ValueError("winograd=True needs device='cpu', dtype fp32 and compile=False")
-            from .winograd import winograd_rrdbnet
-
-            self._fast = winograd_rrdbnet(descriptor)
-            if self._fast is None:
-                raise ValueError(f"winograd=True: no Winograd forward for {spec.arch or 'this architecture'}")
-        self._call = self._fast or self.model
+        self._call = self.model
         if compile:
             self._call = torch.compile(self.model, options={"freezing": True})
         self.size_multiple = max(1, int(getattr(descriptor.size_requirements, "multiple_of", 1) or 1),
                                  spec.size_multiple)
+        # Models whose published graph resizes the network's output (animevideov3 x2/x3: the x4 network, then
+        # a bicubic resize, as the ncnn files do), applied per tile like the ncnn graph.
+        self.network_scale = int(descriptor.scale)
+        self._blocks = [] if compile else _progress_blocks(self.model)
+        self._block_callback = None
+        for i, block in enumerate(self._blocks):
+            block.register_forward_hook(self._block_hook(i))
         self._compiled = bool(compile)
         self._delta = None  # name -> float32 delta (loaded on first use of the dial)
         self._base = None  # name -> the released weights of the tensors the delta touches
@@ -107,8 +124,8 @@ class GANPipeline(SRPipeline):
         if not self.fidelity_available:
             raise ValueError(f"{self.spec.id} has no fidelity dial (only models with a fidelity delta, e.g. "
                              "realesrgan-x4plus)")
-        if self._fast is not None or self._compiled:
-            raise ValueError("the fidelity dial needs the plain model: load it with winograd=False, compile=False")
+        if self._compiled:
+            raise ValueError("the fidelity dial needs the plain model: load it with compile=False")
         params = dict(self.model.named_parameters())
         if self._delta is None:
             from ...weights.fidelity import load_delta
@@ -139,12 +156,32 @@ class GANPipeline(SRPipeline):
                          description=f"{arch} loaded from {path}")
         return cls(spec, device=device, dtype=dtype, descriptor=desc, **kwargs)
 
+    def _block_hook(self, i: int):
+        def hook(module, inputs, output):
+            cb = self._block_callback
+            if cb is not None:
+                cb(i + 1, len(self._blocks))
+        return hook
+
+    # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
+    # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
+    dials = ModelDials(dials=(
+        Dial("fidelity", "Fidelity (0 = released GAN, 1 = L1-tuned)", "float", default=0.0, minimum=0.0,
+             maximum=1.0, step=0.05, spatial=True, requires=("fidelity_delta",),
+             help="weight-space interpolation towards fidelity; fewer GAN artefacts, less invented detail"),
+    ), seconds_per_mp={"cpu": 29.0, "cuda": 0.3}, bytes_per_out_pixel=1500.0, model_bytes=7e7)
+
     def _forward(self, x):
         import torch
+        import torch.nn.functional as F
 
-        if self.channels_last and self._fast is None:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._call(x)
+        y = self._call(x)
+        if self.network_scale != self.scale:
+            size = (x.shape[-2] * self.scale, x.shape[-1] * self.scale)
+            y = F.interpolate(y, size=size, mode="bicubic", align_corners=False)
+        return y
 
     def check_inputs(self, image, outscale, tile, tile_pad, fidelity=0.0, **kwargs) -> None:
         """Also validates ``fidelity``: a number or a per-pixel map (see :func:`realisr.pipelines.
@@ -162,19 +199,10 @@ class GANPipeline(SRPipeline):
         if lo < -1e-6 or hi > 1.0 + 1e-6:  # (resampling a 0/1 map may round a hair outside)
             raise ValueError(f"fidelity must be in [0, 1], got values in [{lo:g}, {hi:g}]")
 
-    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
-                     fidelity=0.0, **kwargs):
-        """Upscale with the fidelity dial (a number: one pass at ``W + F * delta``; a map: one pass per grid
-        level it touches, blended per pixel)."""
-        import numpy as np
-
+    def _fidelity_map(self, x, fidelity, **kw):
+        """A per-pixel fidelity map: one pass per grid level it touches, blended per pixel."""
         from ..diffusion_common import dial_to_latent
 
-        if isinstance(fidelity, (int, float, np.integer, np.floating)) and not isinstance(fidelity, bool):
-            self.set_fidelity(float(fidelity))
-            y = self._run(x, tile=tile, tile_pad=tile_pad, callback=callback, extras=extras)
-            extras["info"]["fidelity"] = float(fidelity)
-            return y
         fmap = dial_to_latent(fidelity, (x.shape[-2] * self.scale, x.shape[-1] * self.scale), name="fidelity")
         fmap = fmap.clamp(0.0, 1.0)
         step = self.fidelity_map_step
@@ -186,21 +214,27 @@ class GANPipeline(SRPipeline):
             tent = (1.0 - (fmap - level).abs() / step).clamp_(min=0.0)  # piecewise-linear interpolation weights
             if not bool((tent > 0).any()):
                 continue
-            self.set_fidelity(level)
-            out = self._run(x, tile=tile, tile_pad=tile_pad, callback=callback, extras=extras)
+            out = self._upscale_rgb(x, fidelity=level, **kw)
             y = tent * out if y is None else y + tent * out
         self.set_fidelity(0.0)
-        extras["info"]["fidelity"] = "map"
-        extras["info"]["fidelity_levels"] = [min(1.0, j * step) for j in range(lo, hi + 1)]
+        kw["extras"]["info"]["fidelity"] = "map"
+        kw["extras"]["info"]["fidelity_levels"] = [min(1.0, j * step) for j in range(lo, hi + 1)]
         return y.clamp(0.0, 1.0)
 
-    def _run(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, extras):
+    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
+                     fidelity=0.0):
+        import numpy as np
         import torch
+
+        if not isinstance(fidelity, (int, float, np.integer, np.floating)) or isinstance(fidelity, bool):
+            return self._fidelity_map(x, fidelity, tile=tile, tile_pad=tile_pad, callback=callback,
+                                      generator=generator, extras=extras)
+        self.set_fidelity(float(fidelity))
 
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
         if tile is None:
             bpp = _BYTES_PER_PIXEL.get(self.spec.arch or "", 24_000) * (0.5 if self.dtype != torch.float32 else 1)
-            biggest = auto_tile_size(self.device, bpp, maximum=2048)
+            biggest = auto_tile_size(self.device, bpp * x.shape[0], maximum=2048)
             # Tiles carry 2*pad of context; when the whole image fits, run it in one piece (no overlap work).
             tile = balanced_tile(x.shape[-2], x.shape[-1], max(64, biggest - 2 * pad), min(pad, biggest // 4))
         overlap = min(pad, max(0, (tile or 1) // 4))
@@ -210,6 +244,11 @@ class GANPipeline(SRPipeline):
                                  size_multiple=self.size_multiple, device=self.device, dtype=self.dtype,
                                  callback=callback, stage="tiles")
 
+        if callback is not None and self._blocks:  # progress inside a tile: one event per block of the network
+            def blocks(done: int, total: int) -> None:
+                report(callback, "blocks", done, total)
+            self._block_callback = blocks
+
         threads = torch.get_num_threads()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -218,5 +257,8 @@ class GANPipeline(SRPipeline):
                 y, used = (run_with_oom_retry(run, tile, device=self.device) if tile else (run(0), 0))
         finally:
             torch.set_num_threads(threads)
-        extras["info"] = {"tile": used, "tile_pad": pad, "winograd": self._fast is not None}
+            self._block_callback = None
+        extras["info"] = {"tile": used, "tile_pad": pad}
+        if self.fidelity_available:
+            extras["info"]["fidelity"] = float(fidelity)
         return y.clamp(0.0, 1.0)  # out of place: y may be an inference-mode tensor

@@ -13,12 +13,15 @@ class InterpolationPipeline(SRPipeline):
     """Bicubic / Lanczos upscaling by the registry entry's scale with Pillow on float32 planes
     (no 8-bit rounding in between)."""
 
-    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, **kwargs):
+    supports_batch = True
+
+    def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras):
         import torch
         from PIL import Image
 
         resample = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[self.spec.options["method"]]
-        _, c, h, w = x.shape
+        n, c, h, w = x.shape
         size = (w * self.scale, h * self.scale)
-        planes = [np.asarray(Image.fromarray(x[0, i].numpy(), "F").resize(size, resample)) for i in range(c)]
-        return torch.from_numpy(np.clip(np.stack(planes), 0.0, 1.0))[None]
+        out = [np.stack([np.asarray(Image.fromarray(x[k, i].numpy(), "F").resize(size, resample)) for i in range(c)])
+               for k in range(n)]
+        return torch.from_numpy(np.clip(np.stack(out), 0.0, 1.0))

@@ -2,7 +2,7 @@
 LoRA and two dials, ``lambda_pix`` (fidelity, removes noise/compression; over-smooths when large) and
 ``lambda_sem`` (perceptual detail; artifacts when large).
 
-What the official code computes (``docs/reference/pisa-sr-and-osediff.md`` section 1.3):
+What the official code computes (``docs/pisa-sr-osediff.md``):
 
 * ``z_L = VAE.encode(lq) * 0.18215``; the UNet runs once at ``t = 1`` with the empty-prompt embedding;
   ``z_H = z_L - eps``; ``out = clamp(VAE.decode(z_H / 0.18215), -1, 1)``; colour fix; resize back.
@@ -21,25 +21,28 @@ official code keeps ~3 GB of extra weight copies). Beyond the official code:
   renders a new ``(lambda_pix, lambda_sem)`` with one VAE decode and no UNet pass;
 * the VAE is encoded by its posterior mode (the official scripts sample it and ignore ``--seed``;
   ``sample_posterior=True`` with a ``generator`` reproduces that, seeded);
-* the output is always exactly 4x the input (see :mod:`realisr.pipelines.diffusion_common`).
+* the output is always exactly 4x the input and colour-fixed in float (see
+  :mod:`realisr.pipelines.diffusion_common`); ``compat="official"`` gives the official script's 8-bit output
+  instead, bit for bit (``docs/pisa-sr-osediff.md``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ...dials import POSTERIOR_SEED, Dial, ModelDials
 from ..base import SRPipeline, SROutput, to_image_data
-from ..diffusion_common import (OneStepDiffusionPipeline, Preprocessed, dial_to_latent, finish_output,
+from ..diffusion_common import (COMMON_ARGS, OneStepDiffusionPipeline, Preprocessed, dial_to_latent,
                                 latent_tile_plan, move_module, tiled_latent_predict)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PiSASRPipeline", "PiSARedialState"]
 
-_ARGS = ("lambda_pix", "lambda_sem", "default_mode", "color_fix", "process_size", "resize_mode", "latent_tile",
-         "latent_overlap", "vae_tile", "sample_posterior", "keep_predictions", "_redial_state")
+_ARGS = COMMON_ARGS + ("lambda_pix", "lambda_sem", "default_mode", "keep_predictions", "_redial_state")
 
 
 @dataclass
@@ -51,7 +54,7 @@ class PiSARedialState:
         eps_pix: the pixel-LoRA prediction (tile-blended).
         eps_sem: ``eps_PiSA - eps_pix`` (tile-blended).
         pre: the pre-processing record (colour-fix source, sizes).
-        color_fix, vae_tile: settings of the original call (defaults for the re-dial).
+        color_fix, vae_tile, compat: settings of the original call (defaults for the re-dial).
         image, outscale: the original input and ``outscale`` (filled by ``__call__``).
     """
 
@@ -61,6 +64,7 @@ class PiSARedialState:
     pre: Preprocessed
     color_fix: str = "adain"
     vae_tile: Optional[int] = None
+    compat: str = "default"
     image: Any = None
     outscale: Optional[float] = None
 
@@ -74,12 +78,28 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
     Call: ``pipe(image, lambda_pix=1.0, lambda_sem=1.0, default_mode=None, color_fix="adain",
     process_size=512, resize_mode="official", latent_tile=96, latent_overlap=32, vae_tile=None,
-    sample_posterior=False, keep_predictions=False, outscale=None, tile=None, tile_pad=None, callback=None,
-    generator=None)``.
+    sample_posterior=False, keep_predictions=False, compat="default", outscale=None, tile=None, tile_pad=None,
+    callback=None, generator=None)``.
     """
 
     flavor = "pisa"
     timestep = 1
+    supports_batch = True  # same-size images share the VAE and UNet calls (one by one when the VAE tiles)
+    # What `realisr serve` shows: the two dials re-render from the kept predictions (one VAE decode, no UNet
+    # pass); every call runs the adjustable mode so that a recipe replays the displayed image exactly.
+    # Priors measured on 2 CPU cores in fp32 (tests/slow/test_large_image.py: 2048x2048, 2567 s, 14.7 GB).
+    dials = ModelDials(
+        dials=(
+            Dial("lambda_pix", "lambda_pix (pixel fidelity)", "float", default=1.0, minimum=0.0, maximum=2.0,
+                 step=0.05, cheap=True, spatial=True, help="removes noise and compression; over-smooths when large"),
+            Dial("lambda_sem", "lambda_sem (semantic detail)", "float", default=1.0, minimum=0.0, maximum=2.0,
+                 step=0.05, cheap=True, spatial=True, help="adds perceptual detail; artifacts when large"),
+            Dial("process_size", "Processing size", "int", default=512, minimum=64, maximum=2048, step=8,
+                 advanced=True, help="inputs with a short side under size/4 are enlarged first (official)"),
+            POSTERIOR_SEED,
+        ),
+        redial="redial", keep={"keep_predictions": True}, fixed={"default_mode": False}, grid="latent",
+        seconds_per_mp={"cpu": 610.0, "cuda": 4.0}, bytes_per_out_pixel=2300.0, model_bytes=5.2e9)
 
     def __init__(self, spec, *, unet, vae, prompt_embeds, device=None, dtype=None):
         super().__init__(spec, device=device, dtype=dtype)
@@ -110,8 +130,9 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
 
         if kwargs:
             raise TypeError(f"unexpected argument(s) for {cls.__name__}: {', '.join(kwargs)}")
-        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr")
-        bb = load_backbone(sd, components=("unet", "vae", "text_encoder", "tokenizer"))
+        parts = ("unet", "vae", "text_encoder", "tokenizer")
+        checkpoint = resolve_checkpoint(checkpoint, spec, expect="pisa-sr", sd=sd, components=parts)
+        bb = load_backbone(sd, components=parts)
         return cls.from_components(spec, unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder,
                                    tokenizer=bb.tokenizer, checkpoint=checkpoint, device=device, dtype=dtype)
 
@@ -234,13 +255,19 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
     def _upscale_rgb(self, x, *, tile, tile_pad, callback, generator, extras, lambda_pix=1.0, lambda_sem=1.0,
                      default_mode=None, color_fix=None, process_size=None, resize_mode="official",
                      latent_tile=None, latent_overlap=None, vae_tile=None, sample_posterior=False,
-                     keep_predictions=False, _redial_state=None):
+                     keep_predictions=False, compat="default", _redial_state=None):
         color_fix = color_fix or self.spec.color_fix
         info: dict = {}
         st = _redial_state
+        if st is None and x.shape[0] > 1 and self._vae_tiled(x, process_size, resize_mode, vae_tile):
+            return self._one_by_one(
+                x, extras, generator, tile=tile, tile_pad=tile_pad, callback=callback, lambda_pix=lambda_pix,
+                lambda_sem=lambda_sem, default_mode=default_mode, color_fix=color_fix, process_size=process_size,
+                resize_mode=resize_mode, latent_tile=latent_tile, latent_overlap=latent_overlap, vae_tile=vae_tile,
+                sample_posterior=sample_posterior, keep_predictions=keep_predictions, compat=compat)
         if st is None:
             lt, lo = self._latent_tiling(tile, tile_pad, latent_tile, latent_overlap)
-            pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode)
+            pre = self.preprocess(x, process_size=process_size, resize_mode=resize_mode, compat=compat)
             z_l = self.encode(pre.image, sample_posterior=sample_posterior, generator=generator, vae_tile=vae_tile,
                               callback=callback)
             ones = _is_one(lambda_pix) and _is_one(lambda_sem)
@@ -254,6 +281,7 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
             preds = {"eps_pix": st.eps_pix.to(self.device), "eps_sem": st.eps_sem.to(self.device)}
             adjustable = True
             vae_tile = st.vae_tile if vae_tile is None else vae_tile
+            compat = st.compat
             info.update(mode="redial")
         if adjustable:
             size = tuple(z_l.shape[-2:])
@@ -268,21 +296,31 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
             eps = preds["eps"]
         z_h = z_l - eps
         y = self.decode(z_h, vae_tile=vae_tile, callback=callback)
-        out = finish_output(y, pre, color_fix)
-        if keep_predictions or st is not None:
-            extras["redial_state"] = st if st is not None else PiSARedialState(
-                z_L=z_l.float().cpu(), eps_pix=preds["eps_pix"].float().cpu(), eps_sem=preds["eps_sem"].float().cpu(),
-                pre=pre, color_fix=color_fix, vae_tile=vae_tile)
-        info.update(color_fix=color_fix, processed_size=pre.size, resize_flag=pre.resize_flag)
+        out = self.finish(y, pre, color_fix, compat)
+        if st is not None:
+            extras["redial_state"] = st
+        elif keep_predictions:
+            states = [PiSARedialState(
+                z_L=z_l[i:i + 1].float().cpu(), eps_pix=preds["eps_pix"][i:i + 1].float().cpu(),
+                eps_sem=preds["eps_sem"][i:i + 1].float().cpu(),
+                pre=dataclasses.replace(pre, image=pre.image[i:i + 1].cpu()), color_fix=color_fix,
+                vae_tile=vae_tile, compat=compat) for i in range(z_l.shape[0])]
+            if len(states) == 1:
+                extras["redial_state"] = states[0]
+            else:
+                extras["per_image"] = [{"redial_state": st_i} for st_i in states]
+        info.update(color_fix=color_fix, processed_size=pre.size, resize_flag=pre.resize_flag, compat=compat)
         extras["info"] = info
         return out
 
     def __call__(self, image, **kwargs) -> SROutput:
         out = super().__call__(image, **kwargs)
-        st = out.extras.get("redial_state")
-        if st is not None and st.image is None:
-            st.image = to_image_data(image)
-            st.outscale = kwargs.get("outscale")
+        many = isinstance(image, (list, tuple))
+        for o, im in zip(out if many else [out], image if many else [image]):
+            st = o.extras.get("redial_state")
+            if st is not None and st.image is None:
+                st.image = to_image_data(im)
+                st.outscale = kwargs.get("outscale")
         return out
 
     def redial(self, state: PiSARedialState, lambda_pix=1.0, lambda_sem=1.0, *, color_fix: Optional[str] = None,
@@ -294,6 +332,8 @@ class PiSASRPipeline(OneStepDiffusionPipeline, SRPipeline):
             lambda_pix, lambda_sem: new dials (floats or maps, as in ``__call__``).
             color_fix: default: the original call's.
             outscale: default: the original call's.
+
+        The original call's ``compat`` is kept.
 
         Returns:
             :class:`~realisr.pipelines.base.SROutput`, equal to a fresh call with these dials.
