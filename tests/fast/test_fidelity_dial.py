@@ -128,6 +128,49 @@ def test_bench_sweep_syntax():
     assert {s.group for s in settings} == {"realesrgan-x4plus"} and settings[0].sweep_key == "fidelity"
 
 
+def test_a_delta_file_given_at_load_time(tiny, photo):
+    """`fidelity_delta=PATH` (e.g. a delta just trained) is the registered delta's equal; a missing file says so."""
+    from realisr.errors import WeightsNotFoundError
+
+    desc, delta, path = tiny
+    img = photo[40:56, 40:56]
+    given = GANPipeline(_spec(), device="cpu", descriptor=copy.deepcopy(desc), fidelity_delta=path)
+    assert given.fidelity_available
+    assert np.array_equal(given(img, tile=0, fidelity=0.5).pixels, _reference(desc, delta, 0.5)(img, tile=0).pixels)
+    with pytest.raises(WeightsNotFoundError, match="no such file"):
+        GANPipeline(_spec(), device="cpu", descriptor=copy.deepcopy(desc), fidelity_delta=path.with_name("x"))
+
+
+def test_bench_sweeps_the_dial_as_a_curve(tiny, photo, tmp_path):
+    """`realisr bench -m "MODEL:load.fidelity_delta=D,fidelity=0|0.5|1"`: one setting per F, grouped as one curve
+    of the perception-distortion plot; each setting's outputs are the model at that F."""
+    from PIL import Image
+
+    from realisr.cli.main import main
+    from realisr.io import read_image
+
+    desc, delta, path = tiny
+    torch.save(desc.model.state_dict(), tmp_path / "tiny.pth")
+    (tmp_path / "lq").mkdir(), (tmp_path / "hq").mkdir()
+    for i, (y, x) in enumerate(((100, 200), (300, 150))):
+        Image.fromarray(photo[y:y + 64, x:x + 64]).save(tmp_path / "hq" / f"p{i}.png")
+        Image.fromarray(photo[y:y + 64:4, x:x + 64:4]).save(tmp_path / "lq" / f"p{i}.png")
+    spec = f"{tmp_path / 'tiny.pth'}:load.fidelity_delta={path},fidelity=0|0.5|1"
+    assert main(["-q", "bench", "--lq", str(tmp_path / "lq"), "--hq", str(tmp_path / "hq"), "-m", spec,
+                 "--metrics", "psnr", "-o", str(tmp_path / "b")]) == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    ms = summary["methods"]
+    assert [m["sweep_value"] for m in ms] == [0, 0.5, 1] and len({m["group"] for m in ms}) == 1
+    assert all(m["sweep_key"] == "fidelity" and m["load_kwargs"] == {"fidelity_delta": str(path)} for m in ms)
+    assert len({round(m["means"]["psnr"], 6) for m in ms}) == 3
+    lq = read_image(tmp_path / "lq" / "p0.png")
+    for m in ms:
+        want = _reference(desc, delta, m["sweep_value"])(lq).to_numpy()
+        got = np.asarray(Image.open(tmp_path / "b" / "sr" / m["slug"] / "p0.png").convert("RGB"))
+        assert np.array_equal(got, want)
+    assert 'class="sweep"' in (tmp_path / "b" / "report.html").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):

@@ -61,6 +61,8 @@ class GANPipeline(SRPipeline):
         num_threads: CPU threads for this pipeline's forward (``torch.set_num_threads`` during the call,
             restored afterwards); default: PyTorch's setting. On a CPU shared with other work, 1 can be much
             faster than contended threads.
+        fidelity_delta: a fidelity delta file to use instead of the registered one (e.g. one just trained by
+            ``realisr train realesrgan-fidelity``; see docs/fidelity-dial.md). Default: the registry's.
     """
 
     default_tile_pad = 16
@@ -70,7 +72,18 @@ class GANPipeline(SRPipeline):
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
                  channels_last: bool = True, compile: bool = False,
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, fidelity_delta=None):
+        if fidelity_delta is not None:
+            from dataclasses import replace
+            from pathlib import Path
+
+            from ...errors import WeightsNotFoundError
+
+            path = Path(fidelity_delta).expanduser().resolve()
+            if not path.is_file():
+                raise WeightsNotFoundError(f"fidelity_delta {fidelity_delta}: no such file (a delta written by "
+                                           "`realisr train realesrgan-fidelity`)")
+            spec = replace(spec, options={**spec.options, "fidelity_delta": str(path)})
         super().__init__(spec, device=device, dtype=dtype)
         import torch
 
