@@ -24,6 +24,7 @@ def test_packaged_delta_is_small_and_documented():
     assert "BSD-3-Clause" in meta["license"]
     recipe = json.loads(meta["recipe"])
     assert recipe["method"] == "realesrgan-fidelity" and recipe["data"]["degradation"] == "pisa-sr"
+    assert recipe["fidelity"]["objective"] == "lowpass-l1" and meta["steps"] == "800"  # docs/fidelity-dial.md
     photos = json.loads(meta["training_photos"])
     assert photos and not {"mate-bac-raindrops.png", "plasma-w-autumn.png"} & set(photos)  # eval-split photos
     assert all(n.startswith(("model.1.sub.21.", "model.1.sub.22.", "model.1.sub.23.", "model.3.", "model.6.",

@@ -179,9 +179,9 @@ class GANPipeline(SRPipeline):
     # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
     # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
     dials = ModelDials(dials=(
-        Dial("fidelity", "Fidelity (0 = released GAN, 1 = L1-tuned)", "float", default=0.0, minimum=0.0,
+        Dial("fidelity", "Fidelity (0 = released GAN, 1 = fidelity-tuned)", "float", default=0.0, minimum=0.0,
              maximum=1.0, step=0.05, spatial=True, requires=("fidelity_delta",),
-             help="weight-space interpolation towards fidelity; fewer GAN artefacts, less invented detail"),
+             help="weight-space interpolation towards fidelity: structure and colour closer to the photo"),
     ), seconds_per_mp={"cpu": 29.0, "cuda": 0.3}, bytes_per_out_pixel=1500.0, model_bytes=7e7)
 
     def _forward(self, x):
