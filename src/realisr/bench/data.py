@@ -21,6 +21,13 @@ positions the most detailed one, so a crop is not all sky). LQ inputs, each in i
   ``pisa-sr``).
 
 ``manifest.json`` records the seed, versions, source files with SHA-256, crop boxes and degradation draws.
+
+Train/eval split (for realisr's own training, e.g. the Real-ESRGAN fidelity delta): every photo belongs to
+one split by a fixed rule, :func:`photo_split` (``eval`` when ``crc32("<source>/<name>") % 3 == 0``, else
+``train``), independent of the seed and of which other photos are present. ``split="eval"`` builds the
+benchmark from the eval photos only; ``split="train"`` writes the full-resolution training photos to
+``train/`` (no crops, no LQ) and nothing else, so a model trained on ``train/`` never sees a benchmark image.
+``split="all"`` (default) is the benchmark of every photo.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ from ..progress import ProgressEvent, report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_benchmark_data", "SKIMAGE_PHOTOS", "DEBIAN_SOURCES", "bicubic_down", "blur_noise_jpeg"]
+__all__ = ["build_benchmark_data", "SKIMAGE_PHOTOS", "DEBIAN_SOURCES", "bicubic_down", "blur_noise_jpeg",
+           "photo_split", "SPLITS"]
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
 DEBIAN_SOURCES = {
@@ -54,6 +62,12 @@ DEBIAN_SOURCES = {
     "plasma-workspace-wallpapers": ("usr/share/wallpapers",),
 }
 _EXTS = (".jpg", ".jpeg", ".png")
+SPLITS = ("all", "eval", "train")
+
+
+def photo_split(source: str, name: str) -> str:
+    """``"eval"`` or ``"train"``: the fixed split of a source photo (``crc32("source/name") % 3 == 0`` is eval)."""
+    return "eval" if zlib.crc32(f"{source}/{name}".encode()) % 3 == 0 else "train"
 
 
 class BenchDataError(RealisrError):
@@ -220,7 +234,7 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
                                                                "plasma-workspace-wallpapers"),
                          hq_size: int = 256, scale: int = 4, crops_per_image: int = 1, seed: int = 0,
                          max_images: Optional[int] = None, degradations: Sequence[str] = ("bicubic", "bnj", "realesrgan"),
-                         callback: Optional[Callable[[ProgressEvent], None]] = None) -> dict:
+                         split: str = "all", callback: Optional[Callable[[ProgressEvent], None]] = None) -> dict:
     """Build the benchmark in ``out_dir`` (``HQ/``, ``LQ/<degradation>_x4/``, ``manifest.json``).
 
     Args:
@@ -232,6 +246,8 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
         seed: the one seed everything is derived from (per image: ``[seed, crc32(name), k]``).
         max_images: at most this many photos per source (``None``: all).
         degradations: any of ``bicubic``, ``bnj`` (blur+noise+JPEG), ``realesrgan``.
+        split: ``all`` (every photo), ``eval`` (the benchmark of the eval photos) or ``train`` (the
+            full-resolution training photos in ``train/``, nothing else); see :func:`photo_split`.
         callback: progress callback (stage ``bench-data``).
 
     Returns:
@@ -243,6 +259,8 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
     out_dir = Path(out_dir)
     if hq_size % scale or hq_size < 16 * scale:
         raise BenchDataError(f"--hq-size must be a multiple of {scale} and at least {16 * scale}, got {hq_size}")
+    if split not in SPLITS:
+        raise BenchDataError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     unknown = set(sources) - {"skimage", *DEBIAN_SOURCES}
     if unknown:
         raise BenchDataError(f"unknown source(s) {', '.join(sorted(unknown))}: use skimage, "
@@ -263,6 +281,13 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
     photos = [p for p in photos if min(p["pixels"].shape[:2]) >= hq_size]
     if not photos:
         raise BenchDataError("no source photo is large enough: " + "; ".join(notes))
+    if split != "all":
+        photos = [p for p in photos if photo_split(p["source"], p["name"]) == split]
+        notes.append(f"split {split}: {len(photos)} photos (photo_split: crc32('source/name') % 3 == 0 is eval)")
+        if not photos:
+            raise BenchDataError(f"no photo of the {split} split among the sources: " + "; ".join(notes))
+    if split == "train":
+        return _write_train_split(out_dir, photos, notes, seed, callback)
     deg, deg_note = (None, "not requested")
     if "realesrgan" in degradations:
         deg, deg_note = _realesrgan_degrader()
@@ -309,7 +334,7 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
     manifest = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed, "hq_size": hq_size, "scale": scale, "crops_per_image": crops_per_image,
-        "sources": list(sources), "notes": notes,
+        "sources": list(sources), "split": split, "notes": notes,
         "folders": {"HQ": "HQ", **{k: f"LQ/{v}" for k, v in folders.items() if k in degradations
                                    and (k != "realesrgan" or deg is not None)}},
         "degradations": {
@@ -319,6 +344,31 @@ def build_benchmark_data(out_dir, *, sources: Sequence[str] = ("skimage", "mate-
             "realesrgan": deg_note},
         "versions": _versions(),
         "images": entries,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _write_train_split(out_dir: Path, photos: list[dict], notes: list[str], seed: int, callback) -> dict:
+    """The full-resolution photos of the train split as ``train/<name>.png`` with a manifest."""
+    entries, used = [], set()
+    report(callback, "bench-data", 0, len(photos), "train photos")
+    for i, ph in enumerate(photos):
+        name = f"{_safe(ph['source'])[:8]}-{_safe(ph['name'])}"
+        if name in used:
+            name += f"-{zlib.crc32(ph['file'].encode()) % 10000:04d}"
+        used.add(name)
+        _save_png(out_dir / "train" / f"{name}.png", np.ascontiguousarray(ph["pixels"]))
+        entries.append({"name": name, "source": ph["source"], "package": ph["package"], "file": ph["file"],
+                        "source_sha256": ph["sha256"], "source_size": list(ph["pixels"].shape[:2][::-1]),
+                        "split": "train"})
+        report(callback, "bench-data", i + 1, len(photos), name)
+    manifest = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed, "split": "train", "notes": notes, "folders": {"train": "train"},
+        "split_rule": "eval if crc32('<source>/<name>') % 3 == 0 else train (realisr.bench.data.photo_split)",
+        "versions": _versions(), "images": entries,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
     b.add_argument("--degradations", default="bicubic,bnj,realesrgan",
                    help="comma-separated: bicubic, bnj (blur+noise+JPEG), realesrgan (default: all)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--split", choices=("all", "eval", "train"), default="all",
+                   help="all: benchmark of every photo (default); eval: benchmark of the eval photos only; train: "
+                        "the full-resolution training photos in OUT/train/ (a fixed split, see realisr.bench.data)")
 
 
 def run(args) -> int:
@@ -36,12 +39,16 @@ def run(args) -> int:
         m = build_benchmark_data(
             args.out, sources=[s.strip() for s in args.sources.split(",") if s.strip()], hq_size=args.hq_size,
             scale=args.scale, crops_per_image=args.crops_per_image, seed=args.seed, max_images=args.max_images,
-            degradations=[d.strip() for d in args.degradations.split(",") if d.strip()], callback=progress)
+            degradations=[d.strip() for d in args.degradations.split(",") if d.strip()], split=args.split,
+            callback=progress)
     finally:
         progress.close()
     if not getattr(args, "quiet", False):
         for note in m["notes"]:
             print(note)
+        if m.get("split") == "train":
+            print(f"{len(m['images'])} training photos in {args.out / 'train'}; manifest {args.out / 'manifest.json'}")
+            return 0
         print(f"{len(m['images'])} HQ crops in {args.out / 'HQ'}; LQ folders: "
               + ", ".join(v for k, v in m["folders"].items() if k != "HQ") + f"; manifest {args.out / 'manifest.json'}")
     return 0

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file, or a built-in recipe: pisa-sr, osediff, tiny-cpu, "
                                        "ccsr-controlnet, ccsr, ccsr-stage2, ccsr-tiny-cpu, dape, dape-tiny-cpu, "
-                                       "seesr, tiny-cpu-seesr")
+                                       "seesr, tiny-cpu-seesr, ea-adam, ea-adam-rrdb, ea-adam-tiny-cpu, realesrgan-fidelity")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (YAML value), e.g. --set train.max_steps=10; repeatable")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
@@ -34,6 +34,16 @@ def make_trainer(cfg, callback=None):
     """The trainer for ``cfg.method`` (imports torch/diffusers)."""
     from realisr.errors import require
 
+    if cfg.method == "ea-adam":
+        require("accelerate", "train")
+        from realisr.train.trainer_ea_adam import EAAdamTrainer
+
+        return EAAdamTrainer(cfg, callback=callback)
+    if cfg.method == "realesrgan-fidelity":
+        require("accelerate", "train")
+        from realisr.train.trainer_fidelity import FidelityTrainer
+
+        return FidelityTrainer(cfg, callback=callback)
     if cfg.method == "dape":
         require("accelerate", "train")
         from realisr.train.trainer_dape import DAPETrainer
@@ -80,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     callback = _MainProcessOnly(TqdmProgress(disable=bool(getattr(args, "quiet", False))))
     summary = make_trainer(cfg, callback).train()
     if callback.enabled and not getattr(args, "quiet", False):
+        where = summary.get("checkpoint") or summary.get("delta") or summary.get("model")
         print(f"realisr train: {cfg.method} finished at step {summary['step']} "
-              f"({summary['steps_per_s']:.3g} steps/s); checkpoint: {summary['checkpoint']}")
+              f"({summary['steps_per_s']:.3g} steps/s); output: {where}")
     return 0
 
 

@@ -37,6 +37,7 @@ METHOD_OPTIONS = {
     "latent_overlap": "latent_overlap",
     "vae_tile": "vae_tile",
     "resize_mode": "resize_mode",
+    "fidelity": "fidelity",  # GAN models with a fidelity delta (realesrgan-x4plus)
     # multi-step diffusion (CCSR, SeeSR)
     "steps": "steps",
     "guidance_scale": "guidance_scale",
@@ -85,6 +86,21 @@ PROCESS_SIZE = _arg_type(int, lambda v: v >= 8, "must be an integer >= 8")
 QUALITY = _arg_type(int, lambda v: 1 <= v <= 100, "must be an integer from 1 to 100")
 
 
+def FIDELITY(text: str):
+    """``--fidelity``: a number in [0, 1], or a grey image file (a per-pixel map; read by :func:`_read_map`)."""
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        if not Path(text).expanduser().is_file():
+            raise argparse.ArgumentTypeError(f"give a number in [0, 1] or a grey image file, got {text!r}") from None
+        return text
+    if not (_finite(v) and 0.0 <= v <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] (or a grey image file), got {text!r}")
+    return v
+
+
 def add_arguments(p) -> None:
     g = p.add_argument_group("input / output")
     g.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
@@ -122,6 +138,10 @@ def add_arguments(p) -> None:
     g.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N",
                    help="CPU threads (default: the physical cores available, or $OMP_NUM_THREADS)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
+    g.add_argument("--fidelity", type=FIDELITY, default=None, metavar="F|MAP",
+                   help="fidelity dial of models with a fidelity delta (realesrgan-x4plus): 0 = the released GAN "
+                        "model (default), 1 = realisr's fidelity-tuned weights, in between = weight-space "
+                        "interpolation; or a grey image file as a per-pixel map (white = 1)")
     g = p.add_argument_group("diffusion models (pisa-sr, osediff, ccsr, seesr)")
     g.add_argument("--sd", default=None,
                    help="SD-2.1-base: local diffusers folder or hub id in the HF cache (default: $REALISR_SD, then "
@@ -225,6 +245,25 @@ def _uses_backbone(model_id: str) -> bool:
     return is_official_safetensors(path)
 
 
+def _fidelity_arg(value, model_id: str):
+    """``--fidelity`` for the call: refused before loading for models without the dial; a map file read as a
+    float32 ``[H, W]`` array in [0, 1] (resized to each image by the pipeline)."""
+    from realisr.dials import dials_for
+    from realisr.errors import RealisrError
+    from realisr.registry import REGISTRY
+
+    spec = REGISTRY.get(model_id)
+    if spec is None or "fidelity" not in dials_for(spec).names():
+        raise RealisrError(f"--fidelity needs a model with a fidelity dial (realesrgan-x4plus), not {model_id}")
+    if not isinstance(value, str):
+        return value
+    from realisr.io import read_image
+
+    px = read_image(Path(value).expanduser()).pixels
+    grey = px[..., :3].mean(axis=-1) if px.shape[-1] >= 3 else px[..., 0]
+    return grey.astype("float32")
+
+
 def _settings(args, note, recipe=None):
     """The :class:`~realisr.batch.BatchSettings` of a command line (with its notes); ``recipe``: the
     :class:`~realisr.recipe.Recipe` of ``--recipe`` (already applied to ``args`` by :func:`_apply_recipe`)."""
@@ -262,6 +301,8 @@ def _settings(args, note, recipe=None):
     if getattr(args, "no_tags", False) and _loads_tagger(model_id):
         ctor["tagger"] = None  # no tagging: do not even load it
     call = {v: getattr(args, k) for k, v in METHOD_OPTIONS.items() if getattr(args, k, None) is not None}
+    if "fidelity" in call:
+        call["fidelity"] = _fidelity_arg(call["fidelity"], model_id)
     if getattr(args, "no_tags", False):
         call["tags"] = False
     return BatchSettings(

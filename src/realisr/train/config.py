@@ -502,7 +502,7 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
-def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] = None) -> RecipeConfig:
+def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] = None):
     """Load a recipe from a YAML file, a built-in recipe name or a mapping, then apply ``--set`` overrides.
 
     Args:
@@ -511,7 +511,8 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
         overrides: ``key.sub=value`` strings; values are parsed as YAML.
 
     Returns:
-        The validated :class:`RecipeConfig`.
+        The validated :class:`RecipeConfig` (or, for ``method: ea-adam`` / ``realesrgan-fidelity``, the recipe
+        class of :mod:`realisr.train.config_sr`).
 
     Raises:
         RecipeError: the file is missing or not a mapping, a key is unknown, a value has the wrong type or range.
@@ -536,6 +537,10 @@ def load_recipe(source: Union[str, Path, dict], overrides: Optional[list[str]] =
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path}: expected a mapping at the top level")
     data = apply_overrides(_deepcopy(data), overrides or [])
+    from realisr.train.config_sr import SR_METHODS  # feed-forward SR recipes (EA-Adam, fidelity delta)
+
+    if data.get("method") in SR_METHODS:
+        return _build(SR_METHODS[data["method"]], data).validate()
     return _build(RecipeConfig, data).validate()
 
 

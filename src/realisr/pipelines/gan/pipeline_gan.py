@@ -1,8 +1,16 @@
-"""Feed-forward SR networks (Real-ESRGAN, RealSR, any spandrel-supported checkpoint) with shared tiling."""
+"""Feed-forward SR networks (Real-ESRGAN, RealSR, any spandrel-supported checkpoint) with shared tiling.
+
+Models whose registry entry names a fidelity delta (``options["fidelity_delta"]``, e.g. Real-ESRGAN x4plus)
+take a ``fidelity`` dial in [0, 1]: the network runs with ``W(F) = W + F * delta`` (weight-space
+interpolation between the released GAN weights at F=0 and realisr's fidelity-tuned weights at F=1; one forward
+pass, no cost over the plain model). F=0 restores the released weights bit for bit. A per-pixel map runs one
+pass per level of a 0.25 grid that the map touches and blends neighbouring levels linearly per pixel.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 from ...dials import Dial, ModelDials
@@ -53,6 +61,8 @@ class GANPipeline(SRPipeline):
         num_threads: CPU threads during a call (``torch.set_num_threads``, restored afterwards); default:
             PyTorch's setting capped at the physical cores this process may use. On a CPU shared with other
             work, 1 can be much faster than contended threads.
+        fidelity_delta: a fidelity delta file to use instead of the registered one (e.g. one just trained by
+            ``realisr train realesrgan-fidelity``; see docs/fidelity-dial.md). Default: the registry's.
 
     ``dtype="auto"`` on a CPU with AMX-BF16 units runs the models that declare a tested bf16 bound (all
     registered GAN models: ``bf16_psnr_db`` in the registry) in bf16, ~4x faster than fp32 there; see
@@ -62,10 +72,23 @@ class GANPipeline(SRPipeline):
 
     default_tile_pad = 16
     supports_batch = True  # the network takes [N, 3, H, W]; tiles cut all images of a batch alike
+    #: spacing of the fidelity levels a per-pixel fidelity map is rendered at (one forward pass per level used).
+    fidelity_map_step = 0.25
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, descriptor=None,
                  channels_last: bool = True, compile: bool = False,
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, fidelity_delta=None):
+        if fidelity_delta is not None:
+            from dataclasses import replace
+            from pathlib import Path
+
+            from ...errors import WeightsNotFoundError
+
+            path = Path(fidelity_delta).expanduser().resolve()
+            if not path.is_file():
+                raise WeightsNotFoundError(f"fidelity_delta {fidelity_delta}: no such file (a delta written by "
+                                           "`realisr train realesrgan-fidelity`)")
+            spec = replace(spec, options={**spec.options, "fidelity_delta": str(path)})
         super().__init__(spec, device=device, dtype=dtype, num_threads=num_threads)
         import torch
 
@@ -90,6 +113,48 @@ class GANPipeline(SRPipeline):
         self._block_callback = None
         for i, block in enumerate(self._blocks):
             block.register_forward_hook(self._block_hook(i))
+        self._compiled = bool(compile)
+        self._delta = None  # name -> float32 delta (loaded on first use of the dial)
+        self._base = None  # name -> the released weights of the tensors the delta touches
+        self._fidelity = 0.0
+
+    @property
+    def fidelity_available(self) -> bool:
+        """Whether this model has a fidelity dial (a registered delta)."""
+        return bool(self.spec.options.get("fidelity_delta"))
+
+    def set_fidelity(self, fidelity: float) -> None:
+        """Put ``W + fidelity * delta`` into the network (``0`` restores the released weights exactly).
+
+        Raises:
+            ValueError: the model has no dial, or ``fidelity`` is outside [0, 1].
+        """
+        import torch
+
+        f = float(fidelity)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"fidelity must be in [0, 1], got {fidelity!r}")
+        if f == self._fidelity:
+            return
+        if not self.fidelity_available:
+            raise ValueError(f"{self.spec.id} has no fidelity dial (only models with a fidelity delta, e.g. "
+                             "realesrgan-x4plus)")
+        if self._compiled:
+            raise ValueError("the fidelity dial needs the plain model: load it with compile=False")
+        params = dict(self.model.named_parameters())
+        if self._delta is None:
+            from ...weights.fidelity import load_delta
+
+            delta = load_delta(self.spec, {k: v.detach().float().cpu() for k, v in params.items()})
+            self._base = {k: params[k].detach().clone() for k in delta}
+            self._delta = {k: v.to(self.device) for k, v in delta.items()}
+        with torch.no_grad():
+            for k, base in self._base.items():
+                if f == 0.0:
+                    params[k].copy_(base)
+                else:
+                    params[k].copy_((base.float() + f * self._delta[k]).to(base.dtype))
+        self._fidelity = f
 
     @classmethod
     def from_file(cls, path, device=None, dtype=None, **kwargs) -> "GANPipeline":
@@ -116,9 +181,9 @@ class GANPipeline(SRPipeline):
     # What `realisr serve` shows: the generic dials, and the fidelity dial of models whose registry entry names a
     # fidelity delta (every change is a full pass; a painted map runs one pass per level it touches).
     dials = ModelDials(dials=(
-        Dial("fidelity", "Fidelity (0 = released GAN, 1 = L1-tuned)", "float", default=0.0, minimum=0.0,
+        Dial("fidelity", "Fidelity (0 = released GAN, 1 = fidelity-tuned)", "float", default=0.0, minimum=0.0,
              maximum=1.0, step=0.05, spatial=True, requires=("fidelity_delta",),
-             help="weight-space interpolation towards fidelity; fewer GAN artefacts, less invented detail"),
+             help="weight-space interpolation towards fidelity: structure and colour closer to the photo"),
     ), seconds_per_mp={"cpu": 29.0, "cuda": 0.3}, bytes_per_out_pixel=1500.0, model_bytes=7e7)
 
     def _forward(self, x):
@@ -133,8 +198,53 @@ class GANPipeline(SRPipeline):
             y = F.interpolate(y, size=size, mode="bicubic", align_corners=False)
         return y
 
-    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras):
+    def check_inputs(self, image, outscale, tile, tile_pad, fidelity=0.0, **kwargs) -> None:
+        """Also validates ``fidelity``: a number or a per-pixel map (see :func:`realisr.pipelines.
+        diffusion_common.dial_to_latent`) with values in [0, 1]; non-zero only for models with a delta."""
+        super().check_inputs(image, outscale, tile, tile_pad, **kwargs)
+        if isinstance(fidelity, (int, float)) and not isinstance(fidelity, bool) and float(fidelity) == 0.0:
+            return
+        if not self.fidelity_available:
+            raise ValueError(f"{self.spec.id} has no fidelity dial (only models with a fidelity delta, e.g. "
+                             "realesrgan-x4plus)")
+        from ..diffusion_common import dial_to_latent
+
+        m = dial_to_latent(fidelity, (8, 8), name="fidelity")
+        lo, hi = (float(m), float(m)) if isinstance(m, float) else (float(m.min()), float(m.max()))
+        if lo < -1e-6 or hi > 1.0 + 1e-6:  # (resampling a 0/1 map may round a hair outside)
+            raise ValueError(f"fidelity must be in [0, 1], got values in [{lo:g}, {hi:g}]")
+
+    def _fidelity_map(self, x, fidelity, **kw):
+        """A per-pixel fidelity map: one pass per grid level it touches, blended per pixel."""
+        from ..diffusion_common import dial_to_latent
+
+        fmap = dial_to_latent(fidelity, (x.shape[-2] * self.scale, x.shape[-1] * self.scale), name="fidelity")
+        fmap = fmap.clamp(0.0, 1.0)
+        step = self.fidelity_map_step
+        lo = math.floor(float(fmap.min()) / step + 1e-9)
+        hi = math.ceil(float(fmap.max()) / step - 1e-9)
+        y = None
+        for j in range(lo, hi + 1):
+            level = min(1.0, j * step)
+            tent = (1.0 - (fmap - level).abs() / step).clamp_(min=0.0)  # piecewise-linear interpolation weights
+            if not bool((tent > 0).any()):
+                continue
+            out = self._upscale_rgb(x, fidelity=level, **kw)
+            y = tent * out if y is None else y + tent * out
+        self.set_fidelity(0.0)
+        kw["extras"]["info"]["fidelity"] = "map"
+        kw["extras"]["info"]["fidelity_levels"] = [min(1.0, j * step) for j in range(lo, hi + 1)]
+        return y.clamp(0.0, 1.0)
+
+    def _upscale_rgb(self, x, *, tile: Optional[int], tile_pad: Optional[int], callback, generator, extras,
+                     fidelity=0.0):
+        import numpy as np
         import torch
+
+        if not isinstance(fidelity, (int, float, np.integer, np.floating)) or isinstance(fidelity, bool):
+            return self._fidelity_map(x, fidelity, tile=tile, tile_pad=tile_pad, callback=callback,
+                                      generator=generator, extras=extras)
+        self.set_fidelity(float(fidelity))
 
         pad = self.default_tile_pad if tile_pad is None else int(tile_pad)
         if tile is None:
@@ -160,4 +270,6 @@ class GANPipeline(SRPipeline):
         finally:
             self._block_callback = None
         extras["info"] = {"tile": used, "tile_pad": pad}
+        if self.fidelity_available:
+            extras["info"]["fidelity"] = float(fidelity)
         return y.clamp(0.0, 1.0)  # out of place: y may be an inference-mode tensor
