@@ -36,7 +36,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers.onestep import golden_dir
+from helpers.onestep import golden_dir, one_thread
 
 ROOT = golden_dir()
 _MISSING = "golden-fixtures-missing"
@@ -74,12 +74,8 @@ def manifest():
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():  # the shared 2-core box thrashes with more threads
+        yield
 
 
 def _need(manifest, case_id=None):

@@ -13,7 +13,7 @@ pytest.importorskip("yaml")
 
 from realisr.train.config import load_recipe  # noqa: E402
 
-from helpers.onestep import golden_dir, sd_dir  # noqa: E402
+from helpers.onestep import golden_dir, one_thread, sd_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = golden_dir()
@@ -23,10 +23,8 @@ STEPS = 2
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():  # the shared 2-core box thrashes with more threads
+        yield
 
 
 def _recipe(tmp: Path, hq: Path, **over) -> dict:

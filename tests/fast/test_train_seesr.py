@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 pytest.importorskip("yaml")
 
+from helpers.onestep import one_thread  # noqa: E402
 from helpers.fixtures import FIXTURES, fixture_set, tiny_sd_dir  # noqa: E402
 
 from realisr.train.config import load_recipe  # noqa: E402
@@ -24,10 +25,8 @@ STEPS = 12
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():  # the shared 2-core box thrashes with more threads
+        yield
 
 
 def _photos(tmp: Path) -> Path:
