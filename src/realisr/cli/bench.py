@@ -51,7 +51,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from realisr.bench.runner import BenchConfig, run_benchmark
+    from realisr.cpu import keep_freed_memory
     from realisr.progress import TqdmProgress
+
+    keep_freed_memory()  # inference on the CPU re-allocates big activations per layer: reuse them (docs/cpu.md)
 
     border = args.crop_border if args.crop_border is not None else (4 if args.protocol == "ccsr" else 0)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

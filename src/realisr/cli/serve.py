@@ -38,6 +38,9 @@ def run(args) -> int:
     from realisr.errors import require
 
     require("gradio", "ui")
+    from realisr.cpu import keep_freed_memory
+
+    keep_freed_memory()  # every render re-allocates big activations on the CPU: reuse them (docs/cpu.md)
     from realisr.ui.app import launch
     from realisr.ui.engine import Engine
     from realisr.ui.estimate import Limits
