@@ -99,9 +99,11 @@ class BatchSettings:
             self.outscale = float(self.outscale)  # -s 6 and outscale=6 are the same job
 
     def job_key_fields(self) -> dict:
-        """What identifies the job in its journal: every setting but where it runs (``device``)."""
+        """What identifies the job in its journal: every setting but where and how it runs (``device``, CPU
+        threads): a job resumed with another ``--threads`` or on another GPU is the same job."""
         d = asdict(self)
         d.pop("device")
+        d["load_args"].pop("num_threads", None)
         d["call_args"] = {k: _digest(v) for k, v in d["call_args"].items()}  # a map argument: its content's hash
         return d
 

@@ -233,6 +233,21 @@ def test_a_recipe_replays_through_the_batch_runner_as_through_the_cli(mixed, tmp
     assert settings.job_key_fields() != plain.job_key_fields()
 
 
+def test_threads_and_device_do_not_change_the_job_key(tmp_path):
+    """A job resumed with another --threads (or on another device) is the same job; its dtype is not."""
+    from realisr.cli.main import build_parser
+    from realisr.cli.upscale import _settings
+
+    def settings(*extra):
+        args = build_parser().parse_args(["upscale", "-m", "lanczos", "-i", "x.png", "-o", str(tmp_path), *extra])
+        return _settings(args, note=lambda msg: None)
+
+    one, two = settings("--threads", "1"), settings("--threads", "2", "--device", "cpu")
+    assert one.load_args["num_threads"] == 1 and two.load_args["num_threads"] == 2  # the threads do reach the loader
+    assert one.job_key_fields() == two.job_key_fields() == settings().job_key_fields()
+    assert settings("--fp32").job_key_fields() != settings("--dtype", "bf16").job_key_fields()
+
+
 def test_import_realisr_imports_neither_ray_nor_torch():
     code = ("import sys, realisr, realisr.batch, realisr.distributed, realisr.cli.upscale; "
             "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
